@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dns", help="print the DNS records to publish for SITE")
     s.add_argument("site", type=Path, metavar="SITE")
     s.add_argument("--check", action="store_true", help="look the records up and report ok/missing/different")
-    s.add_argument("--nameserver", action="append", help="ask this server instead of the system resolver")
+    s.add_argument("--nameserver", action="append", metavar="IP[:PORT]", help="ask this server instead of the system resolver")
     s.set_defaults(func=_handler("commands:cmd_dns"))
 
     s = sub.add_parser("build", help="build a bootable disk image")

@@ -93,7 +93,9 @@ def check(site: Site, nameservers: list[str] | None = None, timeout: float = 5.0
 
     resolver = dns.resolver.Resolver(configure=not nameservers)
     if nameservers:
-        resolver.nameservers = nameservers
+        parsed = [_server(n) for n in nameservers]
+        resolver.nameservers = [ip for ip, _ in parsed]
+        resolver.port = parsed[0][1]
     resolver.lifetime = timeout
     results = []
     for r in records(site):
@@ -126,3 +128,14 @@ def _normalise_text(rtype: str, text: str) -> str:
     if rtype == "CAA":
         return text.replace('"', "").lower()
     return text
+
+
+def _server(text: str) -> tuple[str, int]:
+    """`1.2.3.4`, `1.2.3.4:5353`, `::1` or `[::1]:5353` -> (address, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return host, int(port or 53)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
