@@ -136,6 +136,8 @@ def _merge(filesystems) -> tuple[list[dict], dict]:
     """One file list for the whole image: the root filesystem at /, the others at their fstab
     mount point (or /.partitionN). Owners are named from the image's own passwd/group."""
     root = next((fs for fs in filesystems if any(e["path"] == "/etc" for e in fs[2])), None)
+    if root is None and len(filesystems) == 1:
+        root = filesystems[0]          # a bare file system image: it is the whole tree
     mounts = {}
     names = {"uid": {}, "gid": {}}
     if root:
