@@ -1,0 +1,307 @@
+"""Drive a booted guest in the style of NixOS's test driver: SSH commands, waits, copies.
+
+    from builder.machine import Machine, ssh_keypair, CommandFailed
+    key_path, public_line = ssh_keypair(tmp_dir)        # put public_line into admin_ssh_keys
+    with Qemu(spec(forwards={22: None}), workdir) as vm, Machine(vm, key=key_path) as m:
+        m.wait_for_ssh(timeout=300)
+        out = m.succeed("uname -a")                      # stdout; CommandFailed if status != 0
+        m.fail("test -e /nonexistent")                   # CommandFailed if status == 0
+        status, out = m.execute("systemctl is-active opensmtpd")
+        m.wait_for_unit("dovecot.service", timeout=120)  # systemd; rcctl on OpenBSD
+        m.wait_for_open_port(25)                         # something listens on TCP 25 in the guest
+        m.wait_until_succeeds("test -s /var/mail/x", timeout=60)
+        m.copy_from_vm("/var/log/mail.log", dest_dir)    # file or directory -> dest_dir/<name>
+        m.copy_to_vm(local_path, "/root")               # -> /root/<name>
+        m.serial_log()                                   # the console text so far
+        m.shutdown()                                     # ACPI power-off via QMP
+
+SSH goes through the user-net host forward of guest port 22 (`ssh_port` overrides), with
+paramiko and a key (path or paramiko.PKey). Copies stream a tar archive over an SSH exec
+channel (`tar` exists on Debian, OpenBSD and busybox; no SFTP server needed). Every wait
+polls with a deadline; nothing sleeps a fixed time.
+"""
+from __future__ import annotations
+
+import io
+import select
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .errors import BuildError
+
+POLL = 0.5  # seconds between tries of a wait_* condition
+
+
+class MachineError(BuildError):
+    """The guest did not get where it was asked to within the time-out."""
+
+
+class CommandFailed(MachineError):
+    """A guest command ended with an unexpected exit status."""
+
+    def __init__(self, cmd: str, status: int, stdout: str, stderr: str, expected: str = "0"):
+        self.cmd, self.status, self.stdout, self.stderr = cmd, status, stdout, stderr
+        super().__init__(f"command {cmd!r} exited with status {status} (expected {expected})\n"
+                         f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-4000:]}")
+
+
+def ssh_keypair(directory: str | Path, name: str = "id_ed25519") -> tuple[Path, str]:
+    """A new ed25519 key in `directory`: (private key path, public "ssh-ed25519 ..." line)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private = directory / name
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    public += f" mkmailimage-test"
+    (directory / f"{name}.pub").write_text(public + "\n")
+    return private, public
+
+
+def _load_key(key) -> paramiko.PKey:
+    if isinstance(key, paramiko.PKey):
+        return key
+    path = str(key)
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key_file(path)
+        except paramiko.SSHException:
+            continue
+    raise MachineError(f"{path}: not an unencrypted ed25519, ECDSA or RSA private key")
+
+
+class Machine:
+    """A guest reachable over SSH; `qemu` is a running builder.qemu.Qemu (or None when only
+    SSH is wanted, then `ssh_port` is required)."""
+
+    def __init__(self, qemu, ssh_port: int | None = None, key=None, user: str = "root",
+                 host: str = "127.0.0.1", name: str | None = None):
+        self.qemu = qemu
+        self.ssh_port = ssh_port or qemu.host_port(22)
+        self.key = _load_key(key) if key is not None else None
+        self.user = user
+        self.host = host
+        self.name = name or (qemu.spec.name if qemu is not None else f"{host}:{self.ssh_port}")
+        self._client: paramiko.SSHClient | None = None
+        self._os: str | None = None
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- SSH connection
+
+    def _connect(self, timeout: float = 20) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # fresh test VMs
+        client.connect(self.host, self.ssh_port, username=self.user, pkey=self.key,
+                       allow_agent=False, look_for_keys=False, timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout)
+        client.get_transport().set_keepalive(15)
+        return client
+
+    def _ssh(self) -> paramiko.SSHClient:
+        if self._client is None or not self._client.get_transport() \
+                or not self._client.get_transport().is_active():
+            self._client = self._connect()
+        return self._client
+
+    def _check_alive(self, doing: str) -> None:
+        if self.qemu is not None and not self.qemu.alive():
+            raise MachineError(f"{self.name}: QEMU exited while {doing}; serial log "
+                               f"{self.qemu.log_path}:\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.serial_log().splitlines()[-lines:])
+
+    def wait_for_ssh(self, timeout: float = 300) -> None:
+        """Until an SSH login with our key works (sshd up, key accepted)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            self._check_alive("waiting for SSH")
+            try:
+                self.close()
+                self._client = self._connect(timeout=max(5, min(30, deadline - time.monotonic())))
+                return
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                last = e
+                if isinstance(e, paramiko.AuthenticationException):
+                    raise MachineError(f"{self.name}: SSH key not accepted for {self.user}") from e
+            if time.monotonic() >= deadline:
+                raise MachineError(f"{self.name}: no SSH login on port {self.ssh_port} within "
+                                   f"{timeout:g} s (last error: {last!r})\n{self._log_tail()}")
+            time.sleep(POLL)
+
+    # -- commands
+
+    def run(self, cmd: str, timeout: float | None = 300, stdin: bytes | None = None
+            ) -> tuple[int, bytes, bytes]:
+        """Run `cmd` with the guest's shell: (status, stdout bytes, stderr bytes)."""
+        chan = self._ssh().get_transport().open_session()
+        try:
+            chan.exec_command(cmd)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() \
+                        and not chan.recv_stderr_ready():
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MachineError(f"{self.name}: command {cmd!r} still running after "
+                                       f"{timeout:g} s\n--- stdout so far ---\n"
+                                       f"{out.decode(errors='replace')[-2000:]}")
+                select.select([chan], [], [], 0.1)
+            return chan.recv_exit_status(), bytes(out), bytes(err)
+        finally:
+            chan.close()
+
+    def execute(self, cmd: str, timeout: float | None = 300) -> tuple[int, str]:
+        """(exit status, stdout) of `cmd`."""
+        status, out, _ = self.run(cmd, timeout)
+        return status, out.decode(errors="replace")
+
+    def succeed(self, cmd: str, timeout: float | None = 300) -> str:
+        """stdout of `cmd`; CommandFailed (with status, stdout, stderr) unless it exits 0."""
+        status, out, err = self.run(cmd, timeout)
+        if status != 0:
+            raise CommandFailed(cmd, status, out.decode(errors="replace"),
+                                err.decode(errors="replace"))
+        return out.decode(errors="replace")
+
+    def fail(self, cmd: str, timeout: float | None = 300) -> str:
+        """stdout of `cmd`; CommandFailed if it exits 0."""
+        status, out, err = self.run(cmd, timeout)
+        if status == 0:
+            raise CommandFailed(cmd, status, out.decode(errors="replace"),
+                                err.decode(errors="replace"), expected="non-zero")
+        return out.decode(errors="replace")
+
+    # -- waits
+
+    def _poll(self, what: str, check, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(f"waiting for {what}")
+            result = check()
+            if result is not None:
+                return result
+            if time.monotonic() >= deadline:
+                raise MachineError(f"{self.name}: timed out after {timeout:g} s waiting for {what}")
+            time.sleep(POLL)
+
+    def wait_until_succeeds(self, cmd: str, timeout: float = 300) -> str:
+        """Repeat `cmd` until it exits 0; its stdout."""
+        last: list = []
+
+        def check():
+            status, out, err = self.run(cmd, timeout=max(1, timeout))
+            last[:] = [status, out, err]
+            return out.decode(errors="replace") if status == 0 else None
+        try:
+            return self._poll(f"{cmd!r} to succeed", check, timeout)
+        except MachineError as e:
+            if last:
+                raise CommandFailed(cmd, last[0], last[1].decode(errors="replace"),
+                                    last[2].decode(errors="replace")) from e
+            raise
+
+    def wait_until_fails(self, cmd: str, timeout: float = 300) -> str:
+        def check():
+            status, out = self.execute(cmd)
+            return out if status != 0 else None
+        return self._poll(f"{cmd!r} to fail", check, timeout)
+
+    def guest_os(self) -> str:
+        """`uname -s` of the guest: "Linux" or "OpenBSD"."""
+        if self._os is None:
+            self._os = self.succeed("uname -s").strip()
+        return self._os
+
+    def wait_for_unit(self, unit: str, timeout: float = 300) -> None:
+        """Until the service is active; fails at once if systemd says it failed."""
+        if self.guest_os() == "OpenBSD":
+            self.wait_until_succeeds(f"rcctl check {unit}", timeout)
+            return
+
+        def check():
+            state = self.execute(f"systemctl show -p ActiveState --value {unit}")[1].strip()
+            if state == "failed":
+                status = self.execute(f"systemctl status --no-pager -l {unit}; "
+                                      f"journalctl --no-pager -n 40 -u {unit}")[1]
+                raise MachineError(f"{self.name}: unit {unit} failed\n{status}")
+            return True if state == "active" else None
+        self._poll(f"unit {unit}", check, timeout)
+
+    def _listening_cmd(self, port: int) -> str:
+        if self.guest_os() == "OpenBSD":
+            return f"netstat -an -p tcp | grep -Eq '[.:]{port} +[^ ]+ +LISTEN'"
+        # /proc needs nothing installed (no ss/netstat/nc in a minimal image); state 0A = LISTEN
+        return (f"grep -Eq '^ *[0-9]+: [0-9A-F]+:{port:04X} [0-9A-F]+:[0-9A-F]+ 0A ' "
+                f"/proc/net/tcp /proc/net/tcp6")
+
+    def wait_for_open_port(self, port: int, timeout: float = 300) -> None:
+        """Until something in the guest listens on TCP `port`."""
+        self.wait_until_succeeds(self._listening_cmd(port), timeout)
+
+    def wait_for_closed_port(self, port: int, timeout: float = 300) -> None:
+        self.wait_until_fails(self._listening_cmd(port), timeout)
+
+    # -- files
+
+    def copy_from_vm(self, path: str, dest: str | Path) -> Path:
+        """Copy a guest file or directory into local directory `dest`; the local path."""
+        p = PurePosixPath(path)
+        status, out, err = self.run(f"tar -C '{p.parent}' -cf - '{p.name}'")
+        if status != 0:
+            raise CommandFailed(f"tar -cf - {path}", status, "", err.decode(errors="replace"))
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+            tar.extractall(dest, filter="data")
+        return dest / p.name
+
+    def copy_to_vm(self, src: str | Path, guest_dir: str) -> str:
+        """Copy a local file or directory into the guest directory `guest_dir`."""
+        src = Path(src)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            tar.add(src, arcname=src.name)
+        cmd = f"mkdir -p '{guest_dir}' && tar -C '{guest_dir}' -xf -"
+        status, _, err = self.run(cmd, stdin=buf.getvalue())
+        if status != 0:
+            raise CommandFailed(cmd, status, "", err.decode(errors="replace"))
+        return str(PurePosixPath(guest_dir) / src.name)
+
+    # -- console and power
+
+    def serial_log(self) -> str:
+        return self.qemu.serial_log() if self.qemu is not None else ""
+
+    def shutdown(self, timeout: float = 120) -> bool:
+        """Clean ACPI power-off (QMP system_powerdown); True if the guest powered off in time."""
+        self.close()
+        return self.qemu.powerdown(timeout)
