@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("lock", help="write SITE's lock file: exact package versions, hashes, epoch, seeds")
     s.add_argument("site", type=Path, metavar="SITE")
+    s.add_argument("--from-image", type=Path, metavar="IMAGE",
+                   help="lock what IMAGE was built with (its packages and its NAME.manifest.json)")
     s.set_defaults(func=_handler("lock:cmd_lock"))
 
     s = sub.add_parser("manifest", help="list every file in an image (path, type, mode, owner, size, sha256)")
