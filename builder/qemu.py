@@ -133,6 +133,8 @@ class QemuSpec:
     user_mac: str = USER_MAC
     forwards: dict[int, int | None] = field(default_factory=dict)  # guest TCP port -> host port
     guestfwd: dict[str, str] = field(default_factory=dict)  # "10.0.2.100:80" -> chardev spec
+    tftp: str | Path | None = None                     # user net: built-in TFTP root (netboot)
+    bootfile: str | None = None                        # user net: DHCP boot file name
     nics: list[Nic] = field(default_factory=list)
     reboot_shutdown: bool = False                      # guest reboot ends QEMU (installers)
     name: str = "vm"
@@ -370,6 +372,10 @@ class Qemu:
             user = "user,id=user0,restrict=on"
             for guest, host in self.ports.items():
                 user += f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+            if s.tftp:
+                user += f",tftp={str(s.tftp).replace(',', ',,')}"
+            if s.bootfile:
+                user += f",bootfile={s.bootfile.replace(',', ',,')}"
             for target, chardev in s.guestfwd.items():
                 user += f",guestfwd=tcp:{target}-{chardev.replace(',', ',,')}"
             cmd += ["-netdev", user, "-device", f"virtio-net-pci,netdev=user0,mac={s.user_mac}"]
