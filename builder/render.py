@@ -62,6 +62,7 @@ OS_FACTS = {
         "rspamd_user": "_rspamd",
         "vmail_user": "vmail",
         "vmail_home": "/var/vmail",
+        "mail_auth_group": "_mailauth",
         "unbound_conf_dir": "/etc/unbound/unbound.conf.d",
     },
     "openbsd": {
@@ -74,6 +75,7 @@ OS_FACTS = {
         "rspamd_user": "_rspamd",
         "vmail_user": "vmail",
         "vmail_home": "/var/vmail",
+        "mail_auth_group": "_mailauth",
         "unbound_conf_dir": "/var/unbound/etc",
     },
 }
