@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="convert an image to a provider's format, with its sha256")
     s.add_argument("image", type=Path, metavar="IMAGE")
-    s.add_argument("--format", required=True, choices=["qcow2", "raw", "raw.zst", "raw.xz", "vmdk", "vhdx"])
+    s.add_argument("--format", required=True, choices=["qcow2", "raw", "raw.gz", "raw.zst", "raw.xz", "vmdk", "vhdx"])
     s.add_argument("--out", type=Path, help="output file (default: beside IMAGE)")
     s.set_defaults(func=_handler("export:cmd_export"))
 

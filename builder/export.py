@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import MkMailImageError, ToolMissing
 
-FORMATS = ("qcow2", "raw", "raw.zst", "raw.xz", "vmdk", "vhdx")
+FORMATS = ("qcow2", "raw", "raw.gz", "raw.zst", "raw.xz", "vmdk", "vhdx")
 
 # qemu-img output format and creation options per export format. streamOptimized is the VMDK
 # flavour importers (OVF/OVA, cloud image services) expect: compressed grains, one file.
@@ -28,8 +28,10 @@ _QEMU_IMG = {
     "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
     "vhdx": ["-O", "vhdx", "-o", "subformat=dynamic"],
 }
-# Compressors reading a raw image on stdin; -T0 uses every core.
+# Compressors reading a raw image on stdin; -T0 uses every core. gzip -n leaves out the file
+# name and time stamp, so the same image always compresses to the same bytes.
 _COMPRESS = {
+    "raw.gz": (["gzip", "-c", "-n", "-6"], "gzip"),
     "raw.zst": (["zstd", "-q", "-c", "-T0", "-6"], "zstd"),
     "raw.xz": (["xz", "-c", "-T0", "-6"], "xz-utils"),
 }

@@ -49,8 +49,8 @@ def small_images(tmp_path_factory) -> dict[str, Path]:
 def back_to_raw(exported: Path, fmt: str, work: Path) -> Path:
     """Undo the export with the standard tools a provider or user would use."""
     raw = work / "roundtrip.raw"
-    if fmt in ("raw.zst", "raw.xz"):
-        tool = "zstd" if fmt == "raw.zst" else "xz"
+    if fmt in ("raw.gz", "raw.zst", "raw.xz"):
+        tool = {"raw.gz": "gzip", "raw.zst": "zstd", "raw.xz": "xz"}[fmt]
         with open(raw, "wb") as f:
             subprocess.run([tool, "-d", "-c", str(exported)], stdout=f, check=True)
     else:
@@ -79,6 +79,10 @@ def test_format_details_importers_need(small_images, tmp_path):
     assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
     vhdx, _ = export_image(small_images["raw"], "vhdx", tmp_path / "m.vhdx")
     assert json.loads(run("qemu-img", "info", "--output=json", vhdx).stdout)["format"] == "vhdx"
+    # gzip without name and time stamp: exporting twice gives the same file
+    _, first = export_image(small_images["qcow2"], "raw.gz", tmp_path / "a.raw.gz")
+    _, second = export_image(small_images["raw"], "raw.gz", tmp_path / "b.raw.gz")
+    assert first == second
     qcow2, _ = export_image(small_images["raw"], "qcow2", tmp_path / "m.qcow2")
     assert json.loads(run("qemu-img", "info", "--output=json", qcow2).stdout)["format"] == "qcow2"
 
