@@ -34,8 +34,9 @@ from ..errors import BuildError, ToolMissing
 ARCH = "amd64"
 SIGNIFY = "signify-openbsd"
 DEBIAN_KEYS = Path("/usr/share/signify-openbsd-keys")
-# The packages the mail server needs on top of base (OpenSMTPD is in base).
-PACKAGES = ("dovecot", "dovecot-pigeonhole", "rspamd", "opensmtpd-filter-rspamd", "redis")
+# The packages the mail server needs on top of base (OpenSMTPD is in base); quirks first, as
+# pkg_add itself wants it.
+PACKAGES = ("quirks", "dovecot", "dovecot-pigeonhole", "rspamd", "opensmtpd-filter-rspamd", "redis")
 SHA_LINE = re.compile(r"^SHA256 \((?P<name>[^)/]+)\) = (?P<hex>[0-9a-f]{64})$")
 
 
