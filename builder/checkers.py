@@ -94,16 +94,11 @@ OPENBSD_UNCHECKED = {
     "/etc/rc.conf.local": "rc.d(8) variables, read only by OpenBSD's rc",
     "/etc/myname": "plain host name, no checker",
     "/etc/mail/smtpd.conf": "checked with trixie's OpenSMTPD 7.6 portable, not OpenBSD's base smtpd; "
-                            "the filter path and PATH_LIBEXEC differ (see OPENBSD_SUBSTITUTES)",
+                            "`smtpd -n` never looks at the filter-rspamd path (on either OS), and "
+                            "the passwd table backend is found in the portable's libexec",
     "/etc/dovecot/dovecot.conf": "checked with Debian 12's Dovecot 2.3.19, not the OpenBSD package's 2.3.21",
     "/etc/ssh/sshd_config": "checked with trixie's OpenSSH 10.0p1 (portable), not OpenBSD's",
     "/var/unbound/etc/unbound.conf": "checked with trixie's unbound 1.22, not OpenBSD's base unbound",
-}
-
-# OpenBSD paths that do not exist in a Linux tools tree; the check puts an executable stub there
-# (smtpd only records the filter command; nothing is executed by `smtpd -n`).
-OPENBSD_SUBSTITUTES = {
-    OS_FACTS["openbsd"]["filter_rspamd"]: "filter-rspamd stub for the Linux smtpd -n check",
 }
 
 UNBOUND_ROOT_KEY = {"debian": "/var/lib/unbound/root.key", "openbsd": "/var/unbound/db/root.key"}
@@ -190,7 +185,7 @@ def _namespace_script(lower, upper, work, merged, out, checks: list[Check]) -> s
 # -- the upper layer ---------------------------------------------------------------------------
 
 def prepare_upper(upper: Path, lower: Path, tree: Tree, os_name: str) -> None:
-    """Accounts, throwaway TLS/SSH keys, stubs, then the rendered tree (owners applied)."""
+    """Accounts, throwaway TLS/SSH keys, resolv.conf, root trust anchor, then the rendered tree (owners applied)."""
     users, groups = _add_accounts(upper, lower, os_name)
     facts = OS_FACTS[os_name]
     _write(upper, f"{facts['tls_dir']}/privkey.pem", _throwaway_cert()[0], 0o600)
@@ -205,9 +200,6 @@ def prepare_upper(upper: Path, lower: Path, tree: Tree, os_name: str) -> None:
     root_key = lower / "usr/share/dns/root.key"
     if root_key.exists():
         _write(upper, UNBOUND_ROOT_KEY[os_name], root_key.read_bytes(), 0o644)
-    if os_name == "openbsd":
-        for path in OPENBSD_SUBSTITUTES:
-            _write(upper, path, b"#!/bin/sh\n# stub: see builder/checkers.py\nexit 1\n", 0o755)
     for e in tree.sorted():
         target = upper / e.path.lstrip("/")
         if e.is_dir:
