@@ -133,7 +133,7 @@ def intended(site, *, display=False, domain_asked=False) -> list[tuple[str, str]
     else:
         want.append(("Setup a user? (enter a lower-case loginname, or 'no')", "no"))
     want += [
-        ("Allow root ssh login? (yes, no, prohibit-password)", "no"),
+        ("Allow root ssh login? (yes, no, prohibit-password)", "prohibit-password"),
         ("Which disk is the root disk? ('?' for details)", "sd0"),
         ("Encrypt the root disk with a (p)assphrase or (k)eydisk?", "no"),
         ("Use (W)hole disk MBR, whole disk (G)PT or (E)dit?", "whole"),

@@ -222,7 +222,7 @@ def check_with_signify(directory: Path, key: Path, names: list[str]) -> None:
     r = subprocess.run([_signify(), "-C", "-p", str(key), "-x", "SHA256.sig", *names],
                        cwd=directory, capture_output=True, text=True)
     if r.returncode != 0:
-        failed = [ln.split(":")[0] for ln in r.stdout.splitlines() if ln.rstrip().endswith("FAIL")]
+        failed = [ln.split(":")[0] for ln in (r.stdout + r.stderr).splitlines() if ln.rstrip().endswith("FAIL")]
         detail = (r.stderr or r.stdout).strip()
         raise SetVerifyError(f"{', '.join(failed) or 'SHA256.sig'}: signify -C refused "
                              f"{directory}: {detail}")
@@ -332,6 +332,7 @@ def stage_packages(src: Source, key: Path, wanted: tuple[str, ...], out: Path) -
                                  f"not listed in the signed packages SHA256")
         blob = fetch_expected(_join(src.packages, src.is_dir, filename), src.is_dir,
                               f"packages/{filename}", expected)
+        verify_package_signature(blob, key, f"packages/{filename}")
         for dep in package_depends(blob):
             visit(dep + ".tgz", (filename,) + chain)
         _link(blob, out / filename)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import yaml
 
 from .. import paths
 from ..render import Entry, Tree
@@ -61,14 +62,22 @@ def installurl(site: Site) -> str:
     return "https://cdn.openbsd.org/pub/OpenBSD"   # OpenBSD's documented default
 
 
+def accounts() -> dict:
+    """overlays/openbsd/accounts.yaml: groups (with members) and users the configs rely on."""
+    f = paths.OVERLAYS / "openbsd" / "accounts.yaml"
+    data = (yaml.safe_load(f.read_text()) if f.exists() else None) or {}
+    return {"groups": data.get("groups") or [], "users": data.get("users") or []}
+
+
 def extra_entries(site: Site, tree: Tree, plan: PackagePlan) -> list[Entry]:
     """install.site and the first-boot scripts, rendered from autoinstall/openbsd/."""
     env = _env()
     admin = answers.admin_for(site)
     chowns = [e for e in tree.sorted() if e.owner not in ROOT_NAMES or e.group not in ROOT_NAMES]
     ctx = dict(site=site, m=site.model, plan=plan, admin=admin, installurl=installurl(site),
+               accounts=accounts(),
                chowns=chowns, q=shlex.quote, firstboot=FIRSTBOOT, instance_secrets=INSTANCE_SECRETS,
-               done_marker=FIRSTBOOT_DONE, has_unbound="/var/unbound/etc/unbound.conf" in tree,
+               done_marker=FIRSTBOOT_DONE,
                tls_dir="/etc/ssl/mkmailimage")
     return [
         Entry(INSTALL_SITE, env.get_template("install.site.j2").render(**ctx).encode(), 0o755, "root", "wheel"),
