@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import os
 import queue
 import shutil
@@ -63,6 +64,9 @@ from qemu.qmp import QMPClient
 from . import procs
 from .accel import QEMU, Accel, detect_accel
 from .errors import BuildError
+
+# qemu.qmp logs every failed connection attempt at ERROR; we retry and raise our own errors.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 OVMF_PAIRS = [  # (code, vars template), newest layout first
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -405,10 +409,22 @@ class Qemu:
                     sock.close()
                 else:
                     self.serial = SerialConsole(sock, verbose=self.verbose)
-                    return None
+                    break
             time.sleep(0.02)
+        # QEMU blocked on the serial socket until we connected; devices and netdevs (hostfwd
+        # ports) come after. QMP answering means the machine really exists.
+        while self.serial is not None and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.serial.close()
+                self.serial = None
+                return self.stderr_tail() or f"exit status {self.proc.returncode}"
+            try:
+                qmp_call(str(self.rundir / "qmp.sock"), "query-status", timeout=5)
+                return None
+            except Exception:  # noqa: BLE001 - not listening yet / QEMU exiting
+                time.sleep(0.05)
         self._kill()
-        return f"serial socket did not appear within {START_TIMEOUT:g} s: {self.stderr_tail()}"
+        return f"QEMU did not come up within {START_TIMEOUT:g} s: {self.stderr_tail()}"
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
