@@ -50,6 +50,11 @@ class Lock:
         return self.data["debian"]["suite"]
 
     @property
+    def include(self) -> list[str] | None:
+        """The packages the build asked mmdebstrap for when the lock was made."""
+        return self.data["debian"].get("include")
+
+    @property
     def packages(self) -> dict[str, dict]:
         """'name:arch' -> {package, architecture, version, sha256, size, filename}."""
         return self.data["debian"]["packages"]
@@ -127,7 +132,8 @@ def resolve(installed: list[tuple[str, str, str]], index) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- writing a lock
 
-def make_lock(site, site_path: Path, *, installed, epoch: int, seed: str, mirror: str, source: str) -> dict:
+def make_lock(site, site_path: Path, *, installed, include: list[str], epoch: int, seed: str, mirror: str,
+              source: str) -> dict:
     from .debian import disk, netboot
     suite = site.model.debian.suite
     release, index = signed_index(mirror, suite)
@@ -143,6 +149,7 @@ def make_lock(site, site_path: Path, *, installed, epoch: int, seed: str, mirror
             # the build host's mirror is never written down; a site mirror is the user's own
             "mirror": site.model.debian.mirror or "build host's apt mirror",
             "release": {k: release.get(k, "") for k in ("Origin", "Suite", "Codename", "Version", "Date")},
+            "include": sorted(set(include)),
             "packages": resolve(installed, index),
             "netboot": _netboot(index, suite),
         },
@@ -215,7 +222,7 @@ def installed_from_layer(site, *, epoch: int, no_cache: bool = False, progress=N
     d = site.model.debian
     inputs = BaseInputs(suite=d.suite, mirror=build_mirror(d.mirror), epoch=epoch)
     tar, _ = base_layer(inputs, progress or Progress(), no_cache=no_cache)
-    return dpkg_installed(layer_status(tar)), inputs.mirror
+    return dpkg_installed(layer_status(tar)), inputs.mirror, inputs.packages
 
 
 def layer_status(tar: Path) -> str:
@@ -258,18 +265,19 @@ def cmd_lock(args) -> int:
         inputs = bm.get("inputs", {})
         try:
             epoch, seed = int(inputs["source_date_epoch"]), inputs["seeds"]["seed"]
+            include = inputs["base_layer"]["packages_requested"]
         except (KeyError, TypeError, ValueError):
-            raise LockError(f"lock --from-image: the build manifest of {image} lacks "
-                            "inputs.source_date_epoch or inputs.seeds.seed") from None
+            raise LockError(f"lock --from-image: the build manifest of {image} lacks inputs.source_date_epoch, "
+                            "inputs.seeds.seed or inputs.base_layer.packages_requested") from None
         mirror, source = build_mirror(site.model.debian.mirror), f"image {Path(image).name}"
     else:
         import os
         env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
         epoch = int(env_epoch) if env_epoch else DEFAULT_EPOCH
         seed = site.hostname
-        installed, mirror = installed_from_layer(site, epoch=epoch)
+        installed, mirror, include = installed_from_layer(site, epoch=epoch)
         source = "base layer"
-    data = make_lock(site, site_path, installed=installed, epoch=epoch, seed=seed, mirror=mirror,
+    data = make_lock(site, site_path, installed=installed, include=include, epoch=epoch, seed=seed, mirror=mirror,
                      source=source)
     out = lock_path(site_path)
     write_lock(out, data)
@@ -327,11 +335,29 @@ def check_mirror(lock: Lock, mirror: str, site_suite: str | None = None) -> None
                         f"({len(problems)} of {len(lock.packages)}): " + "; ".join(problems))
 
 
-def apt_preferences(lock: Lock) -> str:
-    """apt pins making exactly the locked versions candidates (priority > 1000 even downgrades)."""
+def apt_preferences_text(pins: dict[str, str]) -> str:
+    """apt pins making exactly these versions the candidates (priority > 1000 even downgrades)."""
     stanzas = [f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n"
-               for name, version in sorted(lock.pins().items())]
+               for name, version in sorted(pins.items())]
     return "\n".join(stanzas)
+
+
+def locked_base_layer(lock: Lock, inputs, progress, no_cache: bool = False) -> tuple[Path, bool]:
+    """The base layer for a locked build: a cached layer whose packages are exactly the lock's
+    (the unpinned one, when the mirror has not moved since it was made), else one built with
+    apt pinned to the lock. Either way checked against the lock before use."""
+    import dataclasses
+    from .debian.bootstrap import base_layer, layer_path
+    unpinned = layer_path(dataclasses.replace(inputs, pins={}))
+    if not no_cache and unpinned.exists():
+        try:
+            check_layer(lock, unpinned)
+            return unpinned, True
+        except LockError:
+            pass
+    tar, reused = base_layer(dataclasses.replace(inputs, pins=lock.pins()), progress, no_cache=no_cache)
+    check_layer(lock, tar)
+    return tar, reused
 
 
 def check_layer(lock: Lock, tar: Path) -> None:
