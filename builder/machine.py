@@ -23,6 +23,7 @@ polls with a deadline; nothing sleeps a fixed time.
 from __future__ import annotations
 
 import io
+import logging
 import select
 import tarfile
 import time
@@ -35,6 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .errors import BuildError
 
 POLL = 0.5  # seconds between tries of a wait_* condition
+
+# paramiko logs each failed attempt of wait_for_ssh with a traceback; our errors say enough.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 class MachineError(BuildError):
@@ -107,12 +111,12 @@ class Machine:
 
     # -- SSH connection
 
-    def _connect(self, timeout: float = 20) -> paramiko.SSHClient:
+    def _connect(self, timeout: float = 30) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # fresh test VMs
         client.connect(self.host, self.ssh_port, username=self.user, pkey=self.key,
                        allow_agent=False, look_for_keys=False, timeout=timeout,
-                       banner_timeout=timeout, auth_timeout=timeout)
+                       banner_timeout=timeout, auth_timeout=30)
         client.get_transport().set_keepalive(15)
         return client
 
@@ -134,11 +138,15 @@ class Machine:
         """Until an SSH login with our key works (sshd up, key accepted)."""
         deadline = time.monotonic() + timeout
         last = None
+        # The user-net forward accepts on the host before the guest listens and then just
+        # waits: keep early attempts short, lengthen them as a slow sshd may need longer.
+        attempt_timeout = 1.5
         while True:
             self._check_alive("waiting for SSH")
             try:
                 self.close()
-                self._client = self._connect(timeout=max(5, min(30, deadline - time.monotonic())))
+                left = deadline - time.monotonic()
+                self._client = self._connect(timeout=max(1.0, min(attempt_timeout, left)))
                 return
             except (paramiko.SSHException, OSError, EOFError) as e:
                 last = e
@@ -147,6 +155,7 @@ class Machine:
             if time.monotonic() >= deadline:
                 raise MachineError(f"{self.name}: no SSH login on port {self.ssh_port} within "
                                    f"{timeout:g} s (last error: {last!r})\n{self._log_tail()}")
+            attempt_timeout = min(attempt_timeout * 1.5, 30)
             time.sleep(POLL)
 
     # -- commands

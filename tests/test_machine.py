@@ -1,0 +1,126 @@
+"""builder.machine over real SSH (dropbear in the tiny guest, real QEMU under TCG)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from builder.machine import CommandFailed, Machine, MachineError, ssh_keypair
+from builder.qemu import Qemu, QemuSpec
+from tinyguest import append
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def machine(tiny_guest, tmp_path_factory):
+    """One booted tiny guest with sshd for the whole module (booting costs ~6 s of TCG)."""
+    tmp = tmp_path_factory.mktemp("machine")
+    key, public = ssh_keypair(tmp / "ssh")
+    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
+                    append=append(authorized_key=public), memory=256, smp=1,
+                    forwards={22: None}, name="m")
+    with Qemu(spec, tmp) as vm, Machine(vm, key=key) as m:
+        m.wait_for_ssh(timeout=180)
+        yield m
+
+
+def test_succeed_returns_stdout_only(machine):
+    assert machine.succeed("echo out; echo err >&2") == "out\n"
+
+
+def test_succeed_raises_with_status_stdout_stderr(machine):
+    with pytest.raises(CommandFailed) as e:
+        machine.succeed("echo partial; echo broken >&2; exit 4")
+    assert (e.value.status, e.value.stdout, e.value.stderr) == (4, "partial\n", "broken\n")
+    assert "status 4" in str(e.value) and "broken" in str(e.value)
+
+
+def test_fail_and_execute(machine):
+    assert machine.fail("echo no; exit 1") == "no\n"
+    with pytest.raises(CommandFailed, match="expected non-zero"):
+        machine.fail("true")
+    assert machine.execute("echo x; exit 7") == (7, "x\n")
+
+
+def test_large_output_and_stderr_do_not_deadlock(machine):
+    out = machine.succeed("i=0; while [ $i -lt 3000 ]; do echo line-$i; echo err-$i >&2;"
+                          " i=$((i+1)); done")
+    assert out.count("\n") == 3000 and out.endswith("line-2999\n")
+
+
+def test_command_timeout(machine):
+    with pytest.raises(MachineError, match="still running"):
+        machine.run("sleep 30", timeout=1)
+
+
+def test_wait_until_succeeds_polls(machine):
+    machine.succeed("rm -f /tmp/flag; (sleep 2; echo done > /tmp/flag) >/dev/null 2>&1 &")
+    assert machine.wait_until_succeeds("cat /tmp/flag", timeout=60) == "done\n"
+
+
+def test_wait_until_succeeds_times_out_with_last_output(machine):
+    with pytest.raises(CommandFailed) as e:
+        machine.wait_until_succeeds("echo still-not; false", timeout=2)
+    assert e.value.stdout == "still-not\n"
+
+
+def test_wait_for_open_port(machine):
+    machine.succeed("(nc -l -p 5555 >/dev/null 2>&1 &) ; true")
+    machine.wait_for_open_port(5555, timeout=60)
+    with pytest.raises(MachineError):
+        machine.wait_for_open_port(5556, timeout=2)
+
+
+def test_wait_for_unit_with_stub_systemctl(machine):
+    """STUB: the tiny guest has no systemd, so a shell stub stands in for `systemctl show`
+    (state read from a file); the real units are checked against the Debian image."""
+    machine.succeed("printf '#!/bin/sh\\ncat /tmp/unit-state\\n'"
+                    " > /bin/systemctl && chmod +x /bin/systemctl")
+    machine.succeed("echo activating > /tmp/unit-state;"
+                    " (sleep 2; echo active > /tmp/unit-state) >/dev/null 2>&1 &")
+    machine.wait_for_unit("demo.service", timeout=60)
+    machine.succeed("echo failed > /tmp/unit-state")
+    with pytest.raises(MachineError, match="demo.service failed"):
+        machine.wait_for_unit("demo.service", timeout=60)
+    machine.succeed("rm /bin/systemctl")
+
+
+def test_copy_roundtrip_file_and_directory(machine, tmp_path):
+    src = tmp_path / "payload"
+    (src / "sub").mkdir(parents=True)
+    blob = os.urandom(200_000)
+    (src / "sub" / "blob.bin").write_bytes(blob)
+    (src / "note.txt").write_text("hello\n")
+    assert machine.copy_to_vm(src, "/tmp/in") == "/tmp/in/payload"
+    assert machine.succeed("cat /tmp/in/payload/note.txt") == "hello\n"
+    got = machine.copy_from_vm("/tmp/in/payload", tmp_path / "back")
+    assert (got / "sub" / "blob.bin").read_bytes() == blob
+    one = machine.copy_from_vm("/etc/passwd", tmp_path / "single")
+    assert one.read_text().startswith("root:")
+    with pytest.raises(CommandFailed):
+        machine.copy_from_vm("/no/such/file", tmp_path / "x")
+
+
+def test_serial_log(machine):
+    assert "TINYGUEST-SSHD" in machine.serial_log()
+
+
+def test_wrong_key_is_refused(machine, tmp_path):
+    other, _ = ssh_keypair(tmp_path)
+    stranger = Machine(machine.qemu, key=other)
+    with pytest.raises(MachineError, match="not accepted"):
+        stranger.wait_for_ssh(timeout=30)
+
+
+def test_shutdown_powers_off(tiny_guest, tmp_path, ssh_key):
+    key, public = ssh_key
+    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
+                    append=append(authorized_key=public), memory=256, smp=1,
+                    forwards={22: None}, name="s")
+    with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
+        m.wait_for_ssh(timeout=180)
+        assert m.shutdown(timeout=60) is True
+        assert vm.proc.returncode == 0
+        with pytest.raises(MachineError, match="QEMU exited"):
+            m.wait_for_ssh(timeout=10)
