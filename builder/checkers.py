@@ -143,6 +143,33 @@ def run_command(tree: Tree, os_name: str, argv: list[str], tools: str = "trixie"
     return _run_in_layer(tree, os_name, lower, [Check(argv[0], argv, tools)])[0]
 
 
+def run_script(tree: Tree, os_name: str, script: str, timeout: float = 600) -> tuple[int, str]:
+    """Run a shell script in the namespace of the checkers, with the layer mounted at $ROOT
+    (commands run on the host's binaries unless chrooted: `chroot "$ROOT" smtpd`). The network
+    namespace is empty and private, so daemons started there reach nothing and are killed with it.
+    Returns (exit status, output)."""
+    if os.geteuid() != 0:
+        raise MkMailImageError("needs root (overlay mount, chroot)")
+    with tempfile.TemporaryDirectory(prefix="mkmailimage-run-") as tmp:
+        tmp = Path(tmp)
+        upper, work, merged, out = tmp / "upper", tmp / "work", tmp / "merged", tmp / "out"
+        for d in (upper, work, merged, out):
+            d.mkdir()
+        lower = tools_tree()
+        prepare_upper(upper, lower, tree, os_name)
+        setup = _namespace_script(lower, upper, work, merged, out, [])
+        setup = setup.rsplit("\nexit 0", 1)[0]
+        # the new PID namespace gets its own /proc (so $! and nsenter -t agree)
+        body = (f"{setup}\nmount -t proc proc /proc\nexport ROOT={shlex.quote(str(merged))}\n"
+                f"{script}\n")
+        # --kill-child: daemons left behind die with the namespace's first process
+        proc = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child",
+                               "--propagation", "private", "sh", "-c", body],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        return proc.returncode, proc.stdout
+
+
 def _run_in_layer(tree: Tree, os_name: str, lower: Path, checks: list[Check]) -> list[CheckResult]:
     with tempfile.TemporaryDirectory(prefix="mkmailimage-check-") as tmp:
         tmp = Path(tmp)
@@ -169,7 +196,11 @@ def _namespace_script(lower, upper, work, merged, out, checks: list[Check]) -> s
     lines = [
         "set -e",
         f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {q(str(merged))}",
-        f"mount --rbind /dev {q(str(merged / 'dev'))}",
+        # a private /dev: the host's device nodes the daemons need, nothing written to the host
+        f"mount -t tmpfs -o mode=0755 tmpfs {q(str(merged / 'dev'))}",
+        f"for n in null zero full random urandom tty; do touch {q(str(merged / 'dev'))}/$n; "
+        f"mount --bind /dev/$n {q(str(merged / 'dev'))}/$n; done",
+        f"mkdir -m 1777 {q(str(merged / 'dev/shm'))}",
         f"mount -t proc proc {q(str(merged / 'proc'))}",
         f"mount -t tmpfs tmpfs {q(str(merged / 'tmp'))}",
         "set +e",
@@ -252,6 +283,11 @@ def _add_accounts(upper: Path, lower: Path, os_name: str) -> tuple[dict, dict]:
             passwd.append(f"{u['name']}:x:{next_id}:{groups[u['group']]}::{u['home']}:{u['shell']}")
     _write(upper, "/etc/passwd", ("\n".join(passwd) + "\n").encode(), 0o644)
     _write(upper, "/etc/group", ("\n".join(group) + "\n").encode(), 0o644)
+    for u in acc.get("users", []):     # homes as the image makes them (vmail: 0750 vmail:vmail)
+        home = upper / u["home"].lstrip("/")
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, users[u["name"]], groups[u["group"]])
+        os.chmod(home, 0o750)
     return users, groups
 
 

@@ -150,7 +150,24 @@ def _add_dkim_keys(tree: Tree, site: Site, os_name: str, rules) -> None:
     _ensure_parents(tree, d, rules)
     tree.add(Entry(d, None, 0o750, "root", facts["rspamd_user"]))
     for selector, pem in site.dkim_keys.items():
-        tree.add(Entry(f"{d}/{site.domain}.{selector}.key", pem, 0o640, "root", facts["rspamd_user"]))
+        tree.add(Entry(f"{d}/{site.domain}.{selector}.key", rspamd_dkim_key(pem), 0o640, "root",
+                       facts["rspamd_user"]))
+
+
+def rspamd_dkim_key(pem: bytes) -> bytes:
+    """The key file rspamd signs with: RSA as PEM; ed25519 in rspamd's own format (base64 of
+    seed + public key, what `rspamadm dkim_keygen -t ed25519` writes), because rspamd treats
+    any PEM key as RSA and fails to sign with an ed25519 PEM."""
+    import base64
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        return pem
+    raw = serialization.Encoding.Raw
+    seed = key.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    public = key.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(seed + public)
 
 
 def _ensure_parents(tree: Tree, path: str, rules) -> None:

@@ -8,8 +8,10 @@ for mmdebstrap to build the tools trees (about a minute each, cached afterwards)
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import sys
 
 import pytest
 
@@ -26,7 +28,7 @@ pytestmark = [pytest.mark.root,
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     d = tmp_path_factory.mktemp("site") / "a"
-    path = init_site("a.test", d, password="correct horse", ed25519=True, out=io.StringIO())
+    path = init_site("a.test", d, password=PASSWORD, ed25519=True, out=io.StringIO())
     return load_site(path)
 
 
@@ -140,3 +142,158 @@ def test_rendered_owners_exist_in_the_checked_tree(debian):
     assert r.output.split() == ["640", "root", "_mailauth"]
     r = run_command(debian, "debian", ["id", "-nG", "opensmtpd"])
     assert "_mailauth" in r.output.split()
+
+
+# -- the daemons running on the rendered configs ----------------------------------------------
+
+SYSLOG_SINK = r'''
+import os, socket, sys
+path, out = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+os.chmod(path, 0o666)
+with open(out, "ab", buffering=0) as f:
+    while True:
+        f.write(s.recv(65536).rstrip(b"\0") + b"\n")
+'''
+
+PEER_CLIENT = r'''
+import imaplib, json, smtplib, socket, ssl, sys, time
+server, user, password, domain = sys.argv[1:5]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+result = {}
+def wait(port):
+    for _ in range(150):
+        try:
+            socket.create_connection((server, port), 1).close(); return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+result["open"] = {p: wait(p) for p in (25, 465, 587, 993)}
+try:
+    socket.create_connection((server, 143), 2).close(); result["143"] = "open"
+except OSError:
+    result["143"] = "closed"
+def message(mid, subject, extra=""):
+    return (f"From: {user}\r\nTo: {user}\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 04:00:00 +0000\r\n"
+            f"Message-ID: <{mid}@{domain}>\r\n{extra}\r\nhello\r\n")
+with smtplib.SMTP(server, 587, timeout=60) as s:
+    s.starttls(context=ctx); s.login(user, password)
+    result["587"] = s.sendmail(user, [user], message("m587", "via 587"))
+with smtplib.SMTP_SSL(server, 465, context=ctx, timeout=60) as s:
+    s.login(user, password)
+    result["465"] = s.sendmail(user, [f"postmaster@{domain}"], message("m465", "via 465"))
+try:
+    with smtplib.SMTP(server, 587, timeout=60) as s:
+        s.starttls(context=ctx); s.login(user, "wrong password")
+    result["bad_login"] = "accepted"
+except smtplib.SMTPAuthenticationError as e:
+    result["bad_login"] = e.smtp_code
+spam = ("From: Peer <peer@example.org>\r\nTo: someone\r\nSubject: offer\r\n"
+        "Date: Sun, 22 Nov 2026 04:00:00 +0000\r\nMessage-ID: <spam@example.org>\r\nX-Spam: yes\r\n\r\nbuy\r\n")
+with smtplib.SMTP(server, 25, timeout=60) as s:
+    s.starttls(context=ctx)
+    result["mx"] = s.sendmail("peer@example.org", [user], spam)
+    for rcpt, key in (("someone@example.org", "relay"), (f"nosuchuser@{domain}", "unknown")):
+        try:
+            s.sendmail("peer@example.org", [rcpt], spam); result[key] = "accepted"
+        except smtplib.SMTPRecipientsRefused as e:
+            result[key] = e.recipients[rcpt][0]
+time.sleep(3)
+m = imaplib.IMAP4_SSL(server, 993, ssl_context=ctx)
+m.login(user, password)
+result["folders"] = sorted(l.decode().rsplit(" ", 1)[-1] for l in m.list()[1])
+result["boxes"] = {}
+for box in ("INBOX", "Junk"):
+    m.select(box)
+    nums = m.search(None, "ALL")[1][0].split()
+    result["boxes"][box] = [m.fetch(n, "(RFC822)")[1][0][1].decode() for n in nums]
+print("RESULT " + json.dumps(result))
+'''
+
+
+@pytest.fixture(scope="module")
+def mail_flow(site, debian, tmp_path_factory):
+    """Start unbound, dovecot, rspamd and smtpd on the rendered Debian configs in the throwaway
+    layer, and talk to them from a peer in its own network namespace (192.0.2.10, a foreign
+    address for both smtpd and rspamd) over a veth pair. No redis: rspamd runs without it."""
+    from builder.checkers import run_script
+    d = tmp_path_factory.mktemp("flow")
+    (d / "sink.py").write_text(SYSLOG_SINK)
+    (d / "client.py").write_text(PEER_CLIENT)
+    py = sys.executable
+    user = site.mailboxes[0]
+    script = f"""
+ip link set lo up
+ip link add veth0 type veth peer name veth1
+unshare --net sleep 900 & PEER=$!
+sleep 0.3
+ip link set veth1 netns $PEER
+ip addr add 192.0.2.1/24 dev veth0 && ip link set veth0 up
+nsenter -t $PEER -n sh -c 'ip link set lo up; ip addr add 192.0.2.10/24 dev veth1; ip link set veth1 up'
+{py} {d}/sink.py $ROOT/dev/log {d}/syslog.txt &
+sleep 0.5
+chroot $ROOT sh -c 'mkdir -p /run/rspamd /run/dovecot && chown _rspamd:_rspamd /run/rspamd'
+chroot $ROOT unbound -c /etc/unbound/unbound.conf || echo "START FAILED: unbound"
+chroot $ROOT dovecot -c /etc/dovecot/dovecot.conf || echo "START FAILED: dovecot"
+chroot $ROOT rspamd -c /etc/rspamd/rspamd.conf -u _rspamd -g _rspamd || echo "START FAILED: rspamd"
+chroot $ROOT smtpd -f /etc/smtpd.conf || echo "START FAILED: smtpd"
+nsenter -t $PEER -n {py} {d}/client.py 192.0.2.1 {user} {PASSWORD!r} {site.domain}
+echo "--- rspamd log"; grep -E "rspamd_task_write_log|error" $ROOT/var/log/rspamd/rspamd.log | tail -n 20
+"""
+    status, output = run_script(debian, "debian", script, timeout=600)
+    syslog = (d / "syslog.txt").read_text(errors="replace") if (d / "syslog.txt").exists() else ""
+    line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+    assert line, f"the peer client did not finish:\n{output}\n--- syslog\n{syslog}"
+    return json.loads(line[len("RESULT "):]), output, syslog
+
+
+PASSWORD = "correct horse"
+
+
+def test_daemons_start_and_only_the_mail_ports_listen(mail_flow):
+    result, output, syslog = mail_flow
+    assert "START FAILED" not in output, output
+    assert result["open"] == {"25": True, "465": True, "587": True, "993": True}
+    assert result["143"] == "closed"
+
+
+def test_submission_authenticates_against_the_shared_passwd_file(mail_flow):
+    result, _, _ = mail_flow
+    assert result["587"] == {} and result["465"] == {}      # every recipient accepted
+    assert result["bad_login"] == 535
+
+
+def test_no_open_relay_and_unknown_users_refused(mail_flow):
+    result, _, _ = mail_flow
+    assert result["mx"] == {}                                # the local domain takes mail from anyone
+    assert result["relay"] == 550                            # but relays nothing for a stranger
+    assert 500 <= result["unknown"] < 600
+
+
+def test_outgoing_mail_is_dkim_signed_with_every_selector_and_verifies(mail_flow, site):
+    import dkim
+    from builder.dnsrecords import records
+    result, _, _ = mail_flow
+    txt = {r.name: r.value for r in records(site) if r.rtype == "TXT"}
+    def dnsfunc(name, timeout=5):
+        return txt.get(name.decode()).encode()
+    inbox = result["boxes"]["INBOX"]
+    assert len(inbox) == 2                                   # via 587 and via 465 (alias postmaster)
+    for text in inbox:
+        raw = text.encode()
+        d = dkim.DKIM(raw)
+        sigs = [l for l in text.splitlines() if l.startswith("DKIM-Signature:")]
+        assert len(sigs) == len(site.model.dkim.selectors), text
+        for idx in range(len(sigs)):
+            assert d.verify(idx=idx, dnsfunc=dnsfunc), (idx, text)
+
+
+def test_inbound_mail_gets_authentication_results_and_spam_goes_to_junk(mail_flow, site):
+    result, _, _ = mail_flow
+    junk = result["boxes"]["Junk"]
+    assert len(junk) == 1 and "Subject: offer" in junk[0]
+    # a foreign peer is checked (not in local_addrs): rspamd wrote Authentication-Results
+    assert f"Authentication-Results: {site.hostname};" in junk[0]
+    assert "spf=" in junk[0] and "dmarc=" in junk[0]
+    assert sorted(result["folders"]) == ["Drafts", "INBOX", "Junk", "Sent", "Trash"]

@@ -2,12 +2,14 @@
 tests/test_checkers.py runs the real checkers on the same trees)."""
 from __future__ import annotations
 
+import base64
 import io
 import re
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from builder import dnsrecords, paths
 from builder.initsite import init_site
@@ -211,13 +213,26 @@ def test_dkim_paths_keys_and_dns_records_agree(rendered, site):
     pairs = re.findall(r'path = "([^"]+)";\s*selector = "([^"]+)";', conf)
     assert [s for _, s in pairs] == [s.name for s in site.model.dkim.selectors]
     published = {r.name: r.value for r in dnsrecords.records(site) if "._domainkey." in r.name}
+    algorithms = {s.name: s.algorithm for s in site.model.dkim.selectors}
+    assert sorted(algorithms.values()) == ["ed25519", "rsa"]
     for path, selector in pairs:
         assert path == f"{facts['rspamd_dkim_dir']}/{site.domain}.{selector}.key"
         entry = tree[path]
-        assert entry.data == site.dkim_keys[selector]
         assert (entry.mode, entry.owner, entry.group) == (0o640, "root", facts["rspamd_user"])
-        serialization.load_pem_private_key(entry.data, None)
-        assert published[f"{selector}._domainkey.{site.domain}."] == dkim_public_record(entry.data)
+        record = published[f"{selector}._domainkey.{site.domain}."]
+        if algorithms[selector] == "rsa":
+            assert entry.data == site.dkim_keys[selector]          # PEM as generated
+            assert record == dkim_public_record(entry.data)
+        else:
+            # rspamd's ed25519 format: base64(seed + public key)
+            raw = base64.b64decode(entry.data, validate=True)
+            site_key = serialization.load_pem_private_key(site.dkim_keys[selector], None)
+            seed = site_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                          serialization.NoEncryption())
+            assert raw[:32] == seed
+            assert ed25519.Ed25519PrivateKey.from_private_bytes(raw[:32]).public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw) == raw[32:]
+            assert record == "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw[32:]).decode()
     assert tree[facts["rspamd_dkim_dir"]].mode == 0o750
 
 
