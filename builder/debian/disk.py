@@ -150,7 +150,8 @@ def make_esp(path: Path, efi_binary: Path, seeds: Seeds, epoch: int, progress: P
     mmd = _need("mmd", "mtools")
     with open(path, "wb") as f:
         f.truncate(ESP_SECTORS * SECTOR)
-    env = {"SOURCE_DATE_EPOCH": str(epoch), "MTOOLS_SKIP_CHECK": "1"}
+    # FAT stores local time: without TZ=UTC the ESP's timestamps follow the build host's zone
+    env = {"SOURCE_DATE_EPOCH": str(epoch), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
     progress.run([mkfs, "-F", "32", "-s", "1", "-n", "ESP", "-i", seeds.esp_volume_id,
                   "--invariant", str(path)], env=env)
     os.utime(efi_binary, (epoch, epoch))
@@ -175,6 +176,9 @@ def make_root(raw: Path, tree: Path, size: int, seeds: Seeds, epoch: int, progre
     progress.run([mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-L", "root", "-U", seeds.root_uuid,
                   "-E", f"offset={offset},hash_seed={seeds.hash_seed},root_owner=0:0",
                   "-d", str(tree), str(raw), str(blocks)], env=env)
+    # mke2fs 1.47.0 copies ctime/atime from the extracted tree (the time of extraction)
+    from ..reproducible import fix_ext4_times
+    fix_ext4_times(raw, offset, epoch)
 
 
 def write_boot_code(raw: Path, tree: Path, core: Path, esp: Path) -> None:
@@ -205,12 +209,9 @@ def assemble(tree: Path, raw: Path, size: int, seeds: Seeds, epoch: int, progres
     partition(raw, size, seeds, progress)
     esp = workdir / "esp.img"
     make_esp(esp, efi, seeds, epoch, progress)
-    # the steps above wrote into the tree (grub.cfg, fstab, /tmp): clamp right before mke2fs,
-    # then reset the atime/ctime that mke2fs 1.47.0 copies from the tree (builder.reproducible)
-    from ..reproducible import fix_ext4_times
+    # the steps above wrote into the tree (grub.cfg, fstab, /tmp): clamp right before mke2fs
     from .layer import clamp_mtimes
     clamp_mtimes(tree, epoch)
     make_root(raw, tree, size, seeds, epoch, progress)
-    fix_ext4_times(raw, ROOT_START * SECTOR, epoch)
     write_boot_code(raw, tree, core, esp)
     esp.unlink()
