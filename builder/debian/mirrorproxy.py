@@ -1,0 +1,114 @@
+"""A pass-through mirror for the installer VM.
+
+The install VM runs with QEMU user networking restricted (restrict=on): it reaches only what
+the builder forwards to it. Instead of opening the network, the builder serves the Debian
+archive itself at an address the guest can reach, fetching each file from the real mirror as
+it is asked for. Side effects that matter: the guest needs no DNS, the installed system never
+sees the build host's mirror name, and every file the installer could not get is recorded
+with its real URL and status, so a failed download is reported by name.
+
+    with MirrorProxy({"/debian": "http://mirror/debian"}) as px:
+        px.port, px.requests, px.failed()
+"""
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    method: str
+    path: str
+    status: int
+    url: str | None         # the upstream URL, None when the path matched no route
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "mkmailimage-mirror"
+    routes: dict[str, str] = {}
+    log: list[ProxiedRequest] = []
+
+    def do_GET(self):
+        self._proxy(send_body=True)
+
+    def do_HEAD(self):
+        self._proxy(send_body=False)
+
+    def _proxy(self, send_body: bool) -> None:
+        path = urlsplit(self.path).path
+        url = self._upstream(path)
+        if url is None:
+            self._record(path, 404, None)
+            self.send_error(404, "not a proxied path")
+            return
+        req = urllib.request.Request(url, method="GET" if send_body else "HEAD")
+        try:
+            resp = urllib.request.urlopen(req, timeout=TIMEOUT)
+        except urllib.error.HTTPError as e:
+            self._record(path, e.code, url)
+            self.send_error(e.code, str(e.reason))
+            return
+        except (urllib.error.URLError, OSError) as e:
+            self._record(path, 502, url)
+            self.send_error(502, f"upstream: {getattr(e, 'reason', e)}")
+            return
+        with resp:
+            self._record(path, resp.status, url)
+            self.send_response(resp.status)
+            for header in ("Content-Type", "Content-Length", "Last-Modified", "ETag"):
+                if resp.headers.get(header):
+                    self.send_header(header, resp.headers[header])
+            self.end_headers()
+            if send_body:
+                try:
+                    shutil.copyfileobj(resp, self.wfile, 1 << 16)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+    def _upstream(self, path: str) -> str | None:
+        # longest prefix first: /debian-security must not match /debian
+        for prefix in sorted(self.routes, key=len, reverse=True):
+            if path == prefix or path.startswith(prefix + "/"):
+                return self.routes[prefix].rstrip("/") + path[len(prefix):]
+        return None
+
+    def _record(self, path: str, status: int, url: str | None) -> None:
+        self.log.append(ProxiedRequest(self.command, path, status, url))
+
+    def log_message(self, format, *args):  # the build output stays clean
+        pass
+
+
+class MirrorProxy:
+    """Context manager serving `routes` (path prefix -> upstream URL) on 127.0.0.1."""
+
+    def __init__(self, routes: dict[str, str], host: str = "127.0.0.1", port: int = 0):
+        self.requests: list[ProxiedRequest] = []
+        handler = type("Handler", (_Handler,), {"routes": dict(routes), "log": self.requests})
+        self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="mkmailimage-mirror",
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def failed(self) -> list[ProxiedRequest]:
+        return [r for r in self.requests if r.status >= 400]
+
+    def __enter__(self) -> "MirrorProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
