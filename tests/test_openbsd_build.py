@@ -1,0 +1,150 @@
+"""The OpenBSD build pipeline up to the point where OpenBSD media are needed, plus the
+end-to-end build when MKMAILIMAGE_OPENBSD_MIRROR names a local copy of a release.
+
+- staging: a release signed in the test (real signify keys) becomes the served tree the
+  installer reads (sets dir with SHA256.sig, site set, index.txt; packages; install.conf,
+  disklabel) and the TFTP root;
+- QEMU: the install VM spec boots real firmware (SeaBIOS + iPXE) which netboots from QEMU's TFTP
+  and fetches install.conf from the build's HTTP server through guestfwd 10.0.2.100:80 under
+  restrict=on. The boot file is an iPXE script STAND-IN for pxeboot (no OpenBSD media here).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.httpserve import FileServer
+from builder.initsite import init_site
+from builder.openbsd import answers, build, sets, siteset
+from builder.render import render_tree
+from builder.site import load_site
+
+from test_openbsd_sets import SETS, keypair, package, sign_dir
+
+MIRROR_ENV = "MKMAILIMAGE_OPENBSD_MIRROR"
+
+
+def make_site(tmp_path, openbsd: dict):
+    f = init_site("a.test", tmp_path / "site", password="correct horse battery", out=open("/dev/null", "w"))
+    data = yaml.safe_load(f.read_text())
+    data["openbsd"] = openbsd
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_site(f)
+
+
+@pytest.fixture
+def fake_release(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKMAILIMAGE_CACHE", str(tmp_path / "cache"))
+    keys = tmp_path / "keys"
+    base_pub, base_sec = keypair(keys, "openbsd-78-base")
+    _, pkg_sec = keypair(keys, "openbsd-78-pkg")
+    d = tmp_path / "OpenBSD" / "7.8" / "amd64"
+    d.mkdir(parents=True)
+    for n in SETS:
+        (d / n).write_bytes(f"{n}\n".encode() * 50)
+    sign_dir(d, base_sec, SETS)
+    p = tmp_path / "OpenBSD" / "7.8" / "packages" / "amd64"
+    p.mkdir(parents=True)
+    for name in ["quirks-7.103", "dovecot-2.3.21.1p0v0", "dovecot-pigeonhole-0.5.21.1v1", "rspamd-3.10.0",
+                 "opensmtpd-filter-rspamd-0.1.8p0", "redis-7.2.5"]:
+        package(p, name, [], pkg_sec)
+    sign_dir(p, pkg_sec, sorted(f.name for f in p.iterdir()))
+    return d, base_pub
+
+
+def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, fake_release):
+    sets_dir, key = fake_release
+    site = make_site(tmp_path, {"version": "7.8", "sets_dir": str(sets_dir),
+                                "signify_key": str(key)})
+    served, tftp = tmp_path / "served", tmp_path / "tftp"
+    release = build.stage_release(site, served, tftp)
+    tree = render_tree(site, "openbsd")
+    plan = siteset.PackagePlan(f"{build.BASE_URL}/{answers.packages_dir('7.8')}", release["package_order"])
+    siteset.write_site_set(site, tree, plan, served / answers.server_dir("7.8"))
+    build.write_answers(site, served)
+
+    s = served / "pub/OpenBSD/7.8/amd64"
+    assert {f.name for f in s.iterdir()} == set(SETS) | {"SHA256.sig", "site78.tgz", "index.txt"}
+    assert [l.rsplit(" ", 1)[1] for l in (s / "index.txt").read_text().splitlines()] == \
+        sorted(set(SETS) | {"SHA256.sig", "site78.tgz"})
+    pk = served / "pub/OpenBSD/7.8/packages/amd64"
+    assert release["package_order"][0] == "quirks-7.103.tgz"
+    assert set(release["package_order"]) <= {f.name for f in pk.iterdir()}
+    assert sorted(p.relative_to(tftp).as_posix() for p in tftp.rglob("*") if p.is_file()) == \
+        ["bsd", "bsd.rd", "etc/boot.conf", "pxeboot"]
+    assert (tftp / "etc/boot.conf").read_text() == "stty com0 115200\nset tty com0\n"
+    conf = (served / "install.conf").read_text()
+    assert "HTTP Server = http://10.0.2.100\n" in conf
+    assert "URL to autopartitioning template for disklabel = http://10.0.2.100/disklabel\n" in conf
+    assert (served / "disklabel").read_text().startswith("# disklabel(8)")
+    # what the installer will fetch resolves on the build's HTTP server
+    with FileServer(served) as srv:
+        import urllib.request
+        for path in ["/install.conf?path=7.8/amd64", "/disklabel", "/pub/OpenBSD/7.8/amd64/SHA256.sig",
+                     "/pub/OpenBSD/7.8/amd64/index.txt", "/pub/OpenBSD/7.8/amd64/site78.tgz",
+                     f"/pub/OpenBSD/7.8/packages/amd64/{release['package_order'][-1]}"]:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}{path}", timeout=10).read()
+        assert srv.failed() == []
+
+
+def test_tampered_mirror_refuses_the_build_before_any_vm(tmp_path, fake_release):
+    sets_dir, key = fake_release
+    with open(sets_dir / "bsd.rd", "ab") as f:
+        f.write(b"x")
+    site = make_site(tmp_path, {"version": "7.8", "sets_dir": str(sets_dir), "signify_key": str(key)})
+    args = types.SimpleNamespace(name="t", out=tmp_path / "out", raw=False, verbose=False)
+    with pytest.raises(sets.SetVerifyError, match=r"sets/bsd\.rd"):
+        build.build_openbsd(site, args)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []    # no half-written output
+
+
+@pytest.mark.vm
+def test_install_vm_netboots_from_tftp_and_reaches_the_http_server(tmp_path):
+    """Real QEMU + SeaBIOS + iPXE with build.install_spec: DHCP boot file from QEMU's TFTP root,
+    then (iPXE script standing in for pxeboot) an HTTP fetch of install.conf from 10.0.2.100:80."""
+    from builder.qemu import Qemu
+    served, tftp = tmp_path / "served", tmp_path / "tftp"
+    served.mkdir()
+    tftp.mkdir()
+    (served / "install.conf").write_text("System hostname = mail.a.test\n")
+    (tftp / "pxeboot").write_text("#!ipxe\nchain http://10.0.2.100/install.conf?path=7.8/amd64\n")
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"")
+    os.truncate(disk, 64 << 20)
+    with FileServer(served) as srv:
+        spec = build.install_spec(disk, tftp, srv.port, tmp_path)
+        with Qemu(spec, tmp_path / "vm", log_path=tmp_path / "serial.log") as vm:
+            vm.serial.expect(r"tftp://10\.0\.2\.2/pxeboot\.\.\. ok", timeout=300)
+            # iPXE prints the URL without its query string
+            vm.serial.expect(r"http://10\.0\.2\.100/install\.conf\.\.\. ok", timeout=300)
+        assert ("GET", "/install.conf", 200) in srv.requests
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(not os.environ.get(MIRROR_ENV),
+                    reason=f"{MIRROR_ENV} is not set: it must name a local copy of an OpenBSD release "
+                           "(URL or directory holding <version>/amd64 and <version>/packages/amd64); "
+                           "no OpenBSD media can be reached from this machine")
+def test_end_to_end_build_from_a_local_release(tmp_path):
+    mirror = os.environ[MIRROR_ENV]
+    version = os.environ.get("MKMAILIMAGE_OPENBSD_VERSION", "7.8")
+    ob = {"version": version}
+    if os.path.isdir(mirror):
+        ob["sets_dir"] = str(Path(mirror) / version / "amd64") if (Path(mirror) / version).is_dir() else mirror
+    else:
+        ob["mirror"] = mirror
+    if os.environ.get("MKMAILIMAGE_OPENBSD_KEY"):
+        ob["signify_key"] = os.environ["MKMAILIMAGE_OPENBSD_KEY"]
+    site = make_site(tmp_path, ob)
+    args = types.SimpleNamespace(name="obsd", out=tmp_path / "out", raw=False, verbose=True)
+    qcow2 = build.build_openbsd(site, args)
+    assert qcow2.exists()
+    out = tmp_path / "out"
+    assert (out / "obsd.manifest.json").exists() and (out / "SHA256SUMS").exists()
+    log = (out / "obsd.serial.log").read_text(errors="replace")
+    assert "CONGRATULATIONS!" in log and siteset.FIRSTBOOT_DONE in log
