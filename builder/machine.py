@@ -16,7 +16,8 @@
         m.shutdown()                                     # ACPI power-off via QMP
 
 SSH goes through the user-net host forward of guest port 22 (`ssh_port` overrides), with
-paramiko and a key (path or paramiko.PKey). Copies stream a tar archive over an SSH exec
+paramiko and a key (`key=` or `key_path=`: a path or a paramiko.PKey). `run(cmd, timeout,
+stdin=bytes)` is the primitive under all commands: (status, stdout bytes, stderr bytes). Copies stream a tar archive over an SSH exec
 channel (`tar` exists on Debian, OpenBSD and busybox; no SFTP server needed). Every wait
 polls with a deadline; nothing sleeps a fixed time.
 """
@@ -88,7 +89,8 @@ class Machine:
     SSH is wanted, then `ssh_port` is required)."""
 
     def __init__(self, qemu, ssh_port: int | None = None, key=None, user: str = "root",
-                 host: str = "127.0.0.1", name: str | None = None):
+                 host: str = "127.0.0.1", name: str | None = None, key_path=None):
+        key = key if key is not None else key_path   # key_path: alias of key
         self.qemu = qemu
         self.ssh_port = ssh_port or qemu.host_port(22)
         self.key = _load_key(key) if key is not None else None

@@ -15,6 +15,7 @@ Interface (stable; other modules rely on it):
     )
     with Qemu(spec, workdir, log_path=workdir / "serial.log", verbose=False) as vm:
         vm.serial.expect("login:", timeout=120)     # pexpect spawn API (expect, sendline, before)
+        vm.expect("login:", timeout=120)            # same, but QemuError with the log tail
         vm.qmp_status()                             # "running", "paused", "shutdown" ...
         vm.host_port(22)                            # host port forwarded to guest port 22
         vm.powerdown(timeout=60)                    # ACPI power button; True if it exited cleanly
@@ -458,6 +459,24 @@ class Qemu:
     def qmp_status(self) -> str:
         """QEMU's run state: "running", "paused", "shutdown", ..."""
         return self.qmp("query-status")["status"]
+
+    def expect(self, pattern, timeout: float = 60) -> int:
+        """serial.expect(pattern) with errors a user can act on: QemuError naming the pattern,
+        the VM and the last console lines when it times out or QEMU exits first."""
+        try:
+            return self.serial.expect(pattern, timeout=timeout)
+        except pexpect.TIMEOUT:
+            raise QemuError(f"{self.spec.name}: {pattern!r} did not appear on the serial "
+                            f"console within {timeout:g} s; last lines "
+                            f"({self.log_path}):\n{self.log_tail()}") from None
+        except pexpect.EOF:
+            self._kill()
+            raise QemuError(f"{self.spec.name}: QEMU exited (status {self.proc.returncode}) "
+                            f"before {pattern!r} appeared; {self.stderr_tail()}; last lines "
+                            f"({self.log_path}):\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.serial_log().splitlines()[-lines:])
 
     def wait_exit(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit (guest powered off); its exit status."""

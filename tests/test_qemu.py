@@ -15,7 +15,9 @@ import pytest
 
 from builder import accel
 from builder.errors import BuildError
-from builder.qemu import Disk, Qemu, QemuError, QemuSpec, dgram_pair
+import pexpect
+
+from builder.qemu import Disk, Nic, Qemu, QemuError, QemuSpec, dgram_pair, free_port
 from tinyguest import USER_MAC, append
 
 READY = "TINYGUEST-READY"
@@ -105,6 +107,7 @@ def test_boot_console_log_qmp_and_clean_powerdown(tiny_guest, tmp_path, capfd):
         assert (rundir / "qmp.sock").exists()
         assert vm.powerdown(timeout=60) is True
         assert vm.proc.returncode == 0
+        vm.serial.expect(pexpect.EOF, timeout=30)   # the console ends with QEMU
     assert not rundir.exists()
     text = log.read_text()
     assert READY in text and "TINYGUEST-POWERBUTTON" in text   # QEMU logged the console
@@ -179,22 +182,47 @@ def test_uefi_boot_with_private_vars(tiny_guest, tmp_path):
         assert vm.serial.after == "efi=yes"
 
 
+@pytest.mark.vm
+def test_expect_errors_name_pattern_and_show_console(tiny_guest, tmp_path):
+    spec = guest_spec(tiny_guest, name="errs")
+    spec.append += " rdinit=/bin/sh"
+    with Qemu(spec, tmp_path) as vm:
+        vm.expect(PROMPT, timeout=120)
+        with pytest.raises(QemuError, match=r"(?s)'never-printed'.*within 2 s.*/ # "):
+            vm.expect("never-printed", timeout=2)
+        vm.serial.sendline("/bin/busybox poweroff -f")   # immediate power-off
+        with pytest.raises(QemuError, match="QEMU exited .*before 'never-printed'"):
+            vm.expect("never-printed", timeout=60)
+
+
 # ------------------------------------------------------------------ two guests
 
 
+def nic_pair(kind: str, mac_a: str, mac_b: str) -> tuple[Nic, Nic]:
+    if kind == "dgram":
+        return dgram_pair(mac_a, mac_b)
+    if kind == "stream":
+        port = free_port()
+        return (Nic(mac_a, "stream", remote_port=port, listen=True),
+                Nic(mac_b, "stream", remote_port=port))
+    pa, pb = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    return (Nic(mac_a, kind, local_port=pa, remote_port=pb),
+            Nic(mac_b, kind, local_port=pb, remote_port=pa))
+
+
 @pytest.mark.vm
-def test_dgram_link_between_two_guests(tiny_guest, tmp_path):
+@pytest.mark.parametrize("kind", ["dgram", "stream", "socket-udp"])
+def test_private_link_between_two_guests(tiny_guest, tmp_path, kind):
     mac_a, mac_b = "52:54:00:00:02:01", "52:54:00:00:02:02"
-    nic_a, nic_b = dgram_pair(mac_a, mac_b)
+    nic_a, nic_b = nic_pair(kind, mac_a, mac_b)
     spec_a = guest_spec(tiny_guest, "a", nics=[nic_a], nets={mac_a: "192.0.2.1/24"})
     spec_b = guest_spec(tiny_guest, "b", nics=[nic_b], nets={mac_b: "192.0.2.2/24"}, http_port=80)
+    # a first: for "stream" it is the listening side
     with Qemu(spec_a, tmp_path / "a") as a, Qemu(spec_b, tmp_path / "b") as b:
-        b.serial.expect("TINYGUEST-HTTPD", timeout=120)
-        a.serial.expect(READY, timeout=120)
-        out = console(a, "wget -O - http://192.0.2.2/ | tr A-Z a-z", "tinyguest-http",
-                      timeout=60)
-        assert "eth1" in a.serial_log() and "192.0.2.1/24" in a.serial_log()
-    assert "bad address" not in out.lower()
+        b.expect("TINYGUEST-HTTPD", timeout=120)
+        a.expect(READY, timeout=120)
+        console(a, "wget -O - http://192.0.2.2/ | tr A-Z a-z", "tinyguest-http", timeout=60)
+        assert "eth1 52:54:00:00:02:01 192.0.2.1/24" in a.serial_log()
 
 
 # ------------------------------------------------------------------ failures and cleanup
