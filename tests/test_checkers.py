@@ -222,6 +222,9 @@ def mail_flow(site, debian, tmp_path_factory):
     (d / "sink.py").write_text(SYSLOG_SINK)
     (d / "client.py").write_text(PEER_CLIENT)
     py = sys.executable
+    # what the image runs before dovecot starts (the rendered systemd drop-in)
+    dropin = debian["/etc/systemd/system/dovecot.service.d/mkmailimage.conf"].data.decode()
+    SIEVE_PRECOMPILE = re.search(r"^ExecStartPre=(.+)$", dropin, re.M).group(1)
     user = site.mailboxes[0]
     script = f"""
 ip link set lo up
@@ -235,6 +238,7 @@ nsenter -t $PEER -n sh -c 'ip link set lo up; ip addr add 192.0.2.10/24 dev veth
 sleep 0.5
 chroot $ROOT sh -c 'mkdir -p /run/rspamd /run/dovecot && chown _rspamd:_rspamd /run/rspamd'
 chroot $ROOT unbound -c /etc/unbound/unbound.conf || echo "START FAILED: unbound"
+chroot $ROOT {SIEVE_PRECOMPILE} || echo "START FAILED: sievec"
 chroot $ROOT dovecot -c /etc/dovecot/dovecot.conf || echo "START FAILED: dovecot"
 chroot $ROOT rspamd -c /etc/rspamd/rspamd.conf -u _rspamd -g _rspamd || echo "START FAILED: rspamd"
 chroot $ROOT smtpd -f /etc/smtpd.conf || echo "START FAILED: smtpd"
@@ -254,6 +258,9 @@ PASSWORD = "correct horse"
 def test_daemons_start_and_only_the_mail_ports_listen(mail_flow):
     result, output, syslog = mail_flow
     assert "START FAILED" not in output, output
+    # no daemon logged an error (e.g. Dovecot failing to save the global sieve binary)
+    errors = [l for l in syslog.splitlines() if re.search(r"dovecot.*(Error|Fatal)|smtpd.*(fatal|warn:)", l)]
+    assert not errors, "\n".join(errors)
     assert result["open"] == {"25": True, "465": True, "587": True, "993": True}
     assert result["143"] == "closed"
 

@@ -305,3 +305,13 @@ def test_host_names(site):
     assert text(obsd, "/etc/myname") == site.hostname + "\n"
     rc = text(obsd, "/etc/rc.conf.local")
     assert 'pkg_scripts="redis rspamd dovecot"' in rc and "unbound_flags=\n" in rc
+
+
+def test_global_sieve_script_is_compiled_by_root_before_delivery(site):
+    # LMTP runs as vmail and cannot write the binary next to the script: the image compiles it
+    script = "/etc/dovecot/sieve/spam-to-junk.sieve"
+    deb = render_tree(site, "debian")
+    dropin = text(deb, "/etc/systemd/system/dovecot.service.d/mkmailimage.conf")
+    assert f"\nExecStartPre=/usr/bin/sievec {script}\n" in dropin and script in deb
+    obsd = render_tree(site, "openbsd")
+    assert f"/usr/local/bin/sievec {script}\n" in text(obsd, "/etc/rc.local") and script in obsd
