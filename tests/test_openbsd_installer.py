@@ -37,7 +37,7 @@ def play(tmp_path):
 
 
 def drive(child, **kw):
-    return installer.drive_install(child, URL, boot_command=BOOT, stall_timeout=kw.pop("stall", 20), **kw)
+    return installer.drive_install(child, URL, boot_commands=(BOOT,), stall_timeout=kw.pop("stall", 20), **kw)
 
 
 def test_happy_path_answers_the_three_console_questions_and_ends(play):
@@ -83,7 +83,7 @@ def test_silence_is_a_stall_not_a_hang(play, tmp_path):
                                            str(tmp_path / "a.log")], echo=False, encoding="utf-8")
     try:
         with pytest.raises(installer.InstallerStalled, match="no output for 2 s"):
-            installer.drive_install(child, URL, boot_command=BOOT, stall_timeout=2)
+            installer.drive_install(child, URL, boot_commands=(BOOT,), stall_timeout=2)
     finally:
         child.close(force=True)
 
@@ -99,3 +99,18 @@ def test_first_boot_marker_and_failed_checks(tmp_path):
     child = pexpect.spawn("cat", [str(bad)], echo=False, encoding="utf-8")
     with pytest.raises(installer.InstallFailed, match="doveconf -n"):
         installer.wait_first_boot(child, "mkmailimage-firstboot: done", stall_timeout=20)
+
+
+def test_a_refused_boot_command_gets_the_next_one_then_an_error(tmp_path):
+    t = tmp_path / "boot.txt"
+    t.write_text(">> OpenBSD/amd64 PXEBOOT 3.67\nboot> \n@@READ\ncannot open tftp:/bsd.rd: No such file or directory\n"
+                 "boot> \n@@READ\ncannot open tftp:/bsd: No such file or directory\nboot> \n@@READ\n")
+    log = tmp_path / "a.log"
+    child = pexpect.spawn(sys.executable, [str(HERE / "openbsd_transcript_player.py"), str(t), str(log)],
+                          echo=False, encoding="utf-8")
+    try:
+        with pytest.raises(installer.InstallFailed, match="the boot loader asked 3 times"):
+            installer.drive_install(child, URL, boot_commands=("boot tftp:/bsd.rd", "boot"), stall_timeout=20)
+    finally:
+        child.close(force=True)
+    assert log.read_text().splitlines() == ["boot tftp:/bsd.rd", "boot"]

@@ -36,7 +36,9 @@ from . import answers, installer, sets, siteset
 
 GUEST_SERVER = "10.0.2.100"          # guestfwd address of the build's HTTP server (port 80)
 BASE_URL = f"http://{GUEST_SERVER}"
-BOOT_COMMAND = "boot tftp:/bsd.rd"
+# pxeboot's boot> prompt: bsd.rd from QEMU's TFTP; then the default kernel name ("bsd" in the
+# TFTP root is a copy of bsd.rd) if the first form is refused.
+BOOT_COMMANDS = ("boot tftp:/bsd.rd", "boot tftp:bsd.rd", "boot")
 INSTALL_STALL = 3600                 # seconds without console output (TCG relinks silently)
 INSTALL_DEADLINE = 8 * 3600
 FIRSTBOOT_STALL = 3600
@@ -104,7 +106,7 @@ def run_install(site: Site, served: Path, tftp: Path, disk: Path, workdir: Path,
         spec = install_spec(disk, tftp, srv.port, workdir)
         with Qemu(spec, workdir / "install", log_path=log, verbose=progress.verbose) as vm:
             try:
-                installer.drive_install(vm.serial, f"{BASE_URL}/install.conf", boot_command=BOOT_COMMAND,
+                installer.drive_install(vm.serial, f"{BASE_URL}/install.conf", boot_commands=BOOT_COMMANDS,
                                         stall_timeout=INSTALL_STALL, deadline=INSTALL_DEADLINE)
             except installer.InstallerError as e:
                 missing = srv.failed()

@@ -129,11 +129,11 @@ def _as_text(x) -> str:
     return x if isinstance(x, str) else ""
 
 
-def drive_install(console, response_url: str, *, boot_command: str = "boot",
-                  stall_timeout: float = 900, deadline: float = 4 * 3600,
-                  max_boot_prompts: int = 3) -> InstallResult:
+def drive_install(console, response_url: str, *, boot_commands: tuple[str, ...] = ("boot",),
+                  stall_timeout: float = 900, deadline: float = 4 * 3600) -> InstallResult:
     """Run an OpenBSD autoinstall to the end. Returns on `CONGRATULATIONS!`; raises an
-    InstallerError subclass on anything else (failure, stall, console closed)."""
+    InstallerError subclass on anything else (failure, stall, console closed).
+    `boot_commands`: what to type at the n-th `boot>` prompt (a failed boot prompts again)."""
     patterns = [P_DONE, P_FAILED] + [c for c, _ in CAUSES] + [P_BOOT, P_MENU, P_RESPONSE,
                                                                pexpect.EOF, pexpect.TIMEOUT, P_LINE]
     i_done, i_failed = 0, 1
@@ -180,10 +180,10 @@ def drive_install(console, response_url: str, *, boot_command: str = "boot",
             continue
         if i == i_boot:
             boots += 1
-            if boots > max_boot_prompts:
-                raise InstallFailed(f"the boot loader asked {boots} times; the kernel does not boot",
-                                    tail.text())
-            answer("boot>", boot_command)
+            if boots > len(boot_commands):
+                raise InstallFailed(f"the boot loader asked {boots} times; none of "
+                                    f"{', '.join(boot_commands)} booted the installer", tail.text())
+            answer("boot>", boot_commands[boots - 1])
         elif i == i_menu:
             menus += 1
             if cause is not None:
