@@ -12,7 +12,11 @@ The question sequence comes from install.sub itself (tests/data/openbsd/*.tsv, r
 """
 from __future__ import annotations
 
+import atexit
 import fnmatch
+import os
+import shutil
+import tempfile
 import re
 from pathlib import Path
 
@@ -151,8 +155,19 @@ def intended(site, *, display=False, domain_asked=False) -> list[tuple[str, str]
     return want
 
 
+_TEMPLATE: dict = {}
+
+
 def make_site(tmp_path, keys=(KEY,), timezone="Europe/Berlin"):
-    f = init_site("a.test", tmp_path / "a", password="correct horse battery", out=open("/dev/null", "w"))
+    """A fresh copy of one generated site (DKIM key generation is slow), with keys/timezone set."""
+    if "dir" not in _TEMPLATE:
+        base = Path(tempfile.mkdtemp(prefix="obsd-answers-"))
+        atexit.register(shutil.rmtree, base, True)
+        init_site("a.test", base / "a", password="correct horse battery", out=open(os.devnull, "w"))
+        _TEMPLATE["dir"] = base / "a"
+    d = tmp_path / "a"
+    shutil.copytree(_TEMPLATE["dir"], d)
+    f = d / "site.yaml"
     data = yaml.safe_load(f.read_text())
     data["admin_ssh_keys"] = list(keys)
     data["timezone"] = timezone
