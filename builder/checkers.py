@@ -93,6 +93,9 @@ OPENBSD_UNCHECKED = {
     "/etc/pf.conf": "pfctl -nf exists only on OpenBSD",
     "/etc/rc.conf.local": "rc.d(8) variables, read only by OpenBSD's rc",
     "/etc/myname": "plain host name, no checker",
+    "/etc/rc.local": "ksh commands run by OpenBSD's rc (sievec of the global sieve script)",
+    "/etc/mail/passwd": "read by table-passwd only when smtpd runs; `smtpd -n` does not start tables "
+                        "(its format is checked by tests/test_render.py and the Debian mail-flow test)",
     "/etc/mail/smtpd.conf": "checked with trixie's OpenSMTPD 7.6 portable, not OpenBSD's base smtpd; "
                             "`smtpd -n` never looks at the filter-rspamd path (on either OS), and "
                             "the passwd table backend is found in the portable's libexec",

@@ -61,9 +61,25 @@ def test_openbsd_configs_pass_the_linux_checkers_and_the_rest_is_listed(openbsd)
     assert {"smtpd", "rspamadm", "unbound-checkconf", "sshd", "doveconf-2.3", "sievec-2.3"} == set(names)
     dove = next(r for r in results if r.name == "doveconf-2.3")
     assert re.search(r"^# 2\.3\.", dove.output, re.M)             # Dovecot 2.3 syntax checker
-    # what no Linux tool checks, as data: every rendered OpenBSD-only file is listed
-    for path in ("/etc/pf.conf", "/etc/rc.conf.local", "/etc/myname"):
-        assert path in openbsd and path in OPENBSD_UNCHECKED
+    # Every rendered OpenBSD file, as data: which checker reads it, or why none does.
+    checked = {
+        "/etc/mail/smtpd.conf": "smtpd", "/etc/mail/virtuals": "smtpd", "/etc/mail/aliases": "smtpd",
+        "/etc/dovecot/dovecot.conf": "doveconf-2.3", "/etc/dovecot/sieve/spam-to-junk.sieve": "sievec-2.3",
+        "/var/unbound/etc/unbound.conf": "unbound-checkconf", "/etc/ssh/sshd_config": "sshd",
+    }
+    unchecked = {   # OpenBSD-only: no Linux tool checks these
+        "/etc/pf.conf", "/etc/rc.conf.local", "/etc/rc.local", "/etc/myname", "/etc/mail/passwd",
+    }
+    not_config = {"/etc/mail/relay-secrets", "/root/.ssh/authorized_keys",
+                  "/var/unbound/etc/mkmailimage.d/README"}
+    for path, e in openbsd.items():
+        if e.is_dir or path.startswith(OS_FACTS["openbsd"]["rspamd_dkim_dir"] + "/"):
+            continue   # DKIM keys: rspamd loads them when signing (see the Debian mail-flow test)
+        if path.startswith("/etc/rspamd/"):
+            checked[path] = "rspamadm"
+        assert path in checked or path in unchecked or path in not_config, path
+    assert unchecked <= set(OPENBSD_UNCHECKED)
+    assert set(checked.values()) <= set(names)
 
 
 def _broken(tree, path: str, mutate) -> dict:
