@@ -252,17 +252,60 @@ def test_answers_refuse_blanks(tmp_path):
         answers.render_install_conf(site, "http://10.0.2.2:80 80")
 
 
+def parse_autotable(text: str) -> list[tuple[str, int, float, int]]:
+    """Python transcription of disklabel's parse_autotable()/parse_sizerange()/parse_pct()
+    (sbin/disklabel/editor.c): every line "mountpoint size[-max] [pct]", no comments, no blank
+    lines; min <= max; sum of percentages <= 100. Returns (mp, min MiB, max MiB, pct)."""
+    units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    out, pctsum = [], 0
+    for n, line in enumerate(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"), 1):
+        tokens = line.split()
+        assert tokens and (tokens[0].startswith("/") or tokens[0].lower() in ("swap", "raid")), \
+            f"parse error on line {n}: {line!r}"
+        size = tokens[1]
+        if size == "*":
+            lo, hi = 0, float("inf")
+        else:
+            a, _, b = size.partition("-")
+            m = re.fullmatch(r"([0-9.]+)([kKmMgGtT]?)", a)
+            assert m, f"parse error on line {n}"
+            unit = m[2] or (re.fullmatch(r"[0-9.]+([kKmMgGtT])", b)[1] if b and b != "*" else "")
+            assert unit, f"parse error on line {n} (no unit)"
+            lo = float(m[1]) * units[unit.lower()]
+            if b == "*":
+                hi = float("inf")
+            elif b:
+                mb = re.fullmatch(r"([0-9.]+)([kKmMgGtT])", b)
+                assert mb, f"parse error on line {n}"
+                hi = float(mb[1]) * units[mb[2].lower()]
+            else:
+                hi = lo
+        pct = 0
+        if len(tokens) > 2:
+            pct = int(tokens[2].rstrip("%"))
+            assert 0 <= pct <= 100
+        assert lo <= hi, f"min size > max size on line {n}"
+        assert len(tokens) <= 3
+        pctsum += pct
+        out.append((tokens[0], lo, hi, pct))
+    assert pctsum <= 100, "sum of extra space allocation > 100%"
+    return out
+
+
 @pytest.mark.parametrize("gib", [4, 8, 20, 200])
-def test_disklabel_template_gives_var_the_rest(tmp_path, gib):
+def test_disklabel_template_parses_and_gives_var_the_rest(tmp_path, gib):
     site = make_site(tmp_path)
     site.model.openbsd.__dict__["disk_size"] = f"{gib}G"   # frozen model: test-only override
-    text = answers.render_disklabel(site)
-    sizes = answers.partition_sizes(gib)
-    assert f"/usr\t\t{sizes['usr']}" in text
-    lines = [l.split() for l in text.splitlines() if l and not l.startswith("#")]
-    mounts = [l[0] for l in lines]
-    assert mounts == ["/", "swap", "/tmp", "/usr", "/home", "/var"]
-    assert lines[-1][1].endswith("-*") and lines[-1][2] == "100%"
-    fixed = sum(int(v[:-1]) for k, v in sizes.items() if k != "var")
-    assert fixed + int(sizes["var"][:-1]) <= gib * 1024
-    assert int(sizes["usr"][:-1]) >= 2048   # room to prefetch the sets (>1 GiB free)
+    table = parse_autotable(answers.render_disklabel(site))
+    assert [t[0] for t in table] == ["/", "swap", "/tmp", "/usr", "/home", "/var"]
+    var = table[-1]
+    assert var[2] == float("inf") and var[3] == 100
+    assert sum(t[1] for t in table) <= gib * 1024 - 32    # every minimum fits on the disk
+    usr = dict((t[0], t) for t in table)["/usr"]
+    assert usr[1] >= 2048   # room to prefetch the sets (>1 GiB free)
+
+
+def test_autotable_parser_rejects_what_disklabel_rejects():
+    for bad in ["# comment\n/ 1G\n", "/ 1G\n\n", "/ 2G-1G\n", "/ 1G 60%\n/var 1G 50%\n", "var 1G\n"]:
+        with pytest.raises(AssertionError):
+            parse_autotable(bad)

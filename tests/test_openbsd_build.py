@@ -81,7 +81,7 @@ def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, 
     conf = (served / "install.conf").read_text()
     assert "HTTP Server = http://10.0.2.100\n" in conf
     assert "URL to autopartitioning template for disklabel = http://10.0.2.100/disklabel\n" in conf
-    assert (served / "disklabel").read_text().startswith("# disklabel(8)")
+    assert (served / "disklabel").read_text().startswith("/\t\t")
     # what the installer will fetch resolves on the build's HTTP server
     with FileServer(served) as srv:
         import urllib.request
