@@ -75,6 +75,8 @@ def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, 
     pk = served / "pub/OpenBSD/7.8/packages/amd64"
     assert release["package_order"][0] == "quirks-7.103.tgz"
     assert set(release["package_order"]) <= {f.name for f in pk.iterdir()}
+    listing = (pk / "index.html").read_text()
+    assert all(f'<a href="{n}">' in listing for n in release["package_order"])
     assert sorted(p.relative_to(tftp).as_posix() for p in tftp.rglob("*") if p.is_file()) == \
         ["bsd", "bsd.rd", "etc/boot.conf", "pxeboot"]
     assert (tftp / "etc/boot.conf").read_text() == "stty com0 115200\nset tty com0\n"
@@ -87,7 +89,8 @@ def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, 
         import urllib.request
         for path in ["/install.conf?path=7.8/amd64", "/disklabel", "/pub/OpenBSD/7.8/amd64/SHA256.sig",
                      "/pub/OpenBSD/7.8/amd64/index.txt", "/pub/OpenBSD/7.8/amd64/site78.tgz",
-                     f"/pub/OpenBSD/7.8/packages/amd64/{release['package_order'][-1]}"]:
+                     f"/pub/OpenBSD/7.8/packages/amd64/{release['package_order'][-1]}",
+                     "/pub/OpenBSD/7.8/packages/amd64/"]:
             urllib.request.urlopen(f"http://127.0.0.1:{srv.port}{path}", timeout=10).read()
         assert srv.failed() == []
 

@@ -63,6 +63,8 @@ def stage_release(site: Site, served: Path, tftp: Path) -> dict:
     pkg_dir = served / answers.packages_dir(o.version)
     pkg_files = sets.stage_packages(src, pkg_key, sets.PACKAGES, pkg_dir)
 
+    write_package_listing(pkg_dir)
+
     tftp.mkdir(parents=True, exist_ok=True)
     for name, source in [("pxeboot", "pxeboot"), ("bsd.rd", "bsd.rd"), ("bsd", "bsd.rd")]:
         shutil.copyfile(sets_dir / source, tftp / name)
@@ -77,6 +79,16 @@ def stage_release(site: Site, served: Path, tftp: Path) -> dict:
         "packages": {f: sets.sha256_file(pkg_dir / f) for f in pkg_files},
         "package_order": pkg_files,
     }
+
+
+def write_package_listing(pkg_dir: Path) -> None:
+    """A mirror-like listing of the packages directory: pkg_add resolves package names over HTTP
+    by reading the directory page's <a href="...tgz"> links (the build's server never lists
+    directories itself), and index.txt like a mirror's."""
+    names = sorted(f.name for f in pkg_dir.iterdir() if f.suffix == ".tgz")
+    links = "".join(f'<a href="{n}">{n}</a>\n' for n in names)
+    (pkg_dir / "index.html").write_text(f"<html><body><pre>\n{links}</pre></body></html>\n")
+    (pkg_dir / "index.txt").write_text(siteset.index_txt(pkg_dir))
 
 
 def write_answers(site: Site, served: Path) -> None:
