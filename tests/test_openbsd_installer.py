@@ -46,6 +46,8 @@ def test_happy_path_answers_the_three_console_questions_and_ends(play):
     assert [a for _, a in result.answered] == [BOOT, "a", URL]
     assert log.read_text().splitlines() == [BOOT, "a", URL]
     assert "mkmailimage: install.site done" in result.output_tail
+    # progress bars redraw with CR: the tail keeps what a terminal would show
+    assert "Installing base78.tgz   100%" in result.output_tail and " 41% " not in result.output_tail
 
 
 @pytest.mark.parametrize("name, error, words", [

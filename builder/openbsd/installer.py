@@ -73,7 +73,7 @@ P_MENU = r"\(I\)nstall, \(U\)pgrade, \(A\)utoinstall or \(S\)hell\? ?$"
 P_RESPONSE = r"Response file location\?( \[[^\]\r\n]*\])? ?$"
 P_DONE = r"CONGRATULATIONS! Your OpenBSD install has been successfully completed!"
 P_FAILED = r"failed; check /tmp/ai/ai\.log"
-P_LINE = r"[^\r\n]*\r?\n"
+P_LINE = r"[^\r\n]*[\r\n]"   # a line, or a progress-bar update ending in CR: output is activity
 
 CAUSES: list[tuple[str, type[InstallerError]]] = [
     (r'Question has no answer in response file: "[^"\r\n]*"', UnansweredQuestion),
@@ -105,22 +105,29 @@ class InstallResult:
 
 
 class _Tail:
-    """The last lines of console output, for error messages."""
+    """The last lines of console output, for error messages. A CR without LF overwrites the
+    line (ftp's progress bars), as on a terminal."""
 
     def __init__(self, n: int = TAIL_LINES):
         self.lines: collections.deque[str] = collections.deque(maxlen=n)
         self.partial = ""
 
+    @staticmethod
+    def _visible(line: str) -> str:
+        line = line.rstrip("\r")
+        return line.rsplit("\r", 1)[-1]
+
     def feed(self, text: str) -> None:
-        text = self.partial + text.replace("\r\n", "\n")
-        parts = re.split(r"[\r\n]", text)
-        self.partial = parts.pop()
-        for p in parts:
-            if p.strip():
-                self.lines.append(p)
+        self.partial += text
+        *complete, self.partial = self.partial.split("\n")
+        for line in complete:
+            line = self._visible(line)
+            if line.strip():
+                self.lines.append(line)
 
     def text(self) -> str:
-        return "\n".join(list(self.lines) + ([self.partial] if self.partial.strip() else []))
+        last = self._visible(self.partial)
+        return "\n".join(list(self.lines) + ([last] if last.strip() else []))
 
 
 def _as_text(x) -> str:
