@@ -9,7 +9,7 @@ appends it to ANSWERS_LOG and echoes it. It then goes on; at the end it exits (c
 import sys
 
 path, log_path = sys.argv[1], sys.argv[2]
-lines = open(path, encoding="utf-8").read().split("\n")
+lines = open(path, encoding="utf-8", newline="").read().split("\n")   # keep bare CRs
 if lines and lines[-1] == "":
     lines.pop()
 out = sys.stdout
