@@ -170,7 +170,8 @@ def _merge(filesystems) -> tuple[list[dict], dict]:
                 e["owner"] = f"{names['uid'].get(e['uid'], e['uid'])}:{names['gid'].get(e['gid'], e['gid'])}"
             files.append(e)
     files.sort(key=lambda e: e["path"])
-    keys = [{"path": e["path"], "kind": _key_kind(e["path"])} for e in files if e.get("private_key")]
+    keys = [{"path": e["path"], "kind": _key_kind(e["path"])} for e in files
+            if e.get("private_key") or (e.get("type") == "file" and _is_key_path(e["path"]))]
     secrets = {"private_keys": keys,
                "dkim_private_key": any(k["kind"] == "dkim" for k in keys),
                "ssh_host_keys": any(k["kind"] == "ssh-host" for k in keys),
@@ -205,6 +206,13 @@ def _fstab_mounts(data: bytes) -> dict[tuple[str, str], str]:
         if spec.startswith("/dev/disk/by-uuid/"):
             mounts[("UUID", spec.rsplit("/", 1)[1].lower())] = where
     return mounts
+
+
+def _is_key_path(path: str) -> bool:
+    """Private keys in a non-PEM format (rspamd's ed25519 DKIM keys, OpenSSH's) found by place."""
+    import fnmatch
+    return any(fnmatch.fnmatch(path, pat) for pat in ("/etc/ssh/ssh_host_*_key", "*/dkim/*.key",
+                                                      "/etc/ssl/private/*"))
 
 
 def _key_kind(path: str) -> str:

@@ -183,9 +183,13 @@ def test_private_keys_in_the_image_are_stated(tmp_path):
     tree = make_tree(tmp_path / "tree")
     (tree / "var/lib/rspamd/dkim/mail.key").write_bytes(KEY)
     (tree / "etc/ssh/ssh_host_ed25519_key").write_bytes(b"x" * 70000 + KEY)  # marker past the first chunk
+    (tree / "usr/bin/ssh").write_bytes(b"\x7fELF\x00-----BEGIN OPENSSH PRIVATE KEY-----\n\x00%s\x00")  # a constant
+    (tree / "srv/ed25519.key").write_bytes(b"key in another format, not under dkim/")
+    (tree / "var/lib/rspamd/dkim/other.key").write_bytes(b"c2VjcmV0IGtleSBub3QgUEVN\n")   # rspamd's own format
     m = mf.make_manifest(mkext4(tmp_path / "a.raw", tree))
     assert m["secrets"]["private_keys"] == [{"kind": "ssh-host", "path": "/etc/ssh/ssh_host_ed25519_key"},
-                                            {"kind": "dkim", "path": "/var/lib/rspamd/dkim/mail.key"}]
+                                            {"kind": "dkim", "path": "/var/lib/rspamd/dkim/mail.key"},
+                                            {"kind": "dkim", "path": "/var/lib/rspamd/dkim/other.key"}]
     assert m["secrets"]["dkim_private_key"] and m["secrets"]["ssh_host_keys"]
     assert not m["secrets"]["tls_private_key"]
 

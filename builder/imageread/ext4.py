@@ -20,6 +20,8 @@ TYPES = {0o040000: "dir", 0o100000: "file", 0o120000: "symlink", 0o020000: "char
          0o060000: "block", 0o010000: "fifo", 0o140000: "socket"}
 ROOT_INO = 2
 PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+# a real PEM private key, not the marker string that ssh/openssl binaries carry as a constant
+PRIVATE_KEY_PEM = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=]{16}")
 KEEP_CONTENT = ("/etc/passwd", "/etc/group", "/etc/fstab")   # to name owners and mount points
 
 
@@ -129,8 +131,9 @@ class Ext4Reader:
                         raise BuildError(f"debugfs on {self.spec}: inode {ino} ended {left} bytes early")
                     h.update(chunk)
                     if not key:
-                        key = PRIVATE_KEY_MARK in tail + chunk
-                        tail = chunk[-len(PRIVATE_KEY_MARK):]
+                        window = tail + chunk
+                        key = PRIVATE_KEY_MARK in window and PRIVATE_KEY_PEM.search(window) is not None
+                        tail = chunk[-256:]
                     if len(head) < 65536:
                         head += chunk[:65536 - len(head)]
                     left -= len(chunk)
