@@ -164,3 +164,15 @@ def test_missing_key_names_what_to_do(tmp_path):
     named = tmp_path / "openbsd-99-base.pub"
     named.write_text("untrusted comment: test\nRWQ=\n")
     assert sets.release_key("9.9", key_file=named) == named
+
+
+def test_package_key_is_looked_for_beside_a_named_base_key(tmp_path):
+    base = tmp_path / "openbsd-99-base.pub"
+    pkg = tmp_path / "openbsd-99-pkg.pub"
+    for k in (base, pkg):
+        k.write_text("untrusted comment: test\nRWQ=\n")
+    assert sets.release_key("9.9", "pkg", base) == pkg
+    odd = tmp_path / "mykey.pub"
+    odd.write_text("x\n")
+    with pytest.raises(sets.OpenBSDSetError, match="openbsd-99-pkg.pub"):
+        sets.release_key("9.9", "pkg", odd)      # never the base key for packages

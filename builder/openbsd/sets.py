@@ -86,8 +86,8 @@ def release_key(version: str, kind: str = "base", key_file: str | Path | None = 
         key_file = Path(key_file)
         if kind == "base":
             candidates.append(key_file)
-        else:
-            candidates.append(key_file.with_name(key_file.name.replace("-base.pub", f"-{kind}.pub")))
+        elif key_file.name.endswith("-base.pub"):
+            candidates.append(key_file.with_name(key_file.name[: -len("base.pub")] + f"{kind}.pub"))
     candidates += [DEBIAN_KEYS / name, Path("/etc/signify") / name]
     for c in candidates:
         if c.is_file():
