@@ -309,3 +309,25 @@ def test_autotable_parser_rejects_what_disklabel_rejects():
     for bad in ["# comment\n/ 1G\n", "/ 1G\n\n", "/ 2G-1G\n", "/ 1G 60%\n/var 1G 50%\n", "var 1G\n"]:
         with pytest.raises(AssertionError):
             parse_autotable(bad)
+
+
+def test_happy_transcript_echoes_exactly_what_install_conf_answers(tmp_path):
+    """The driver's happy-path transcript (tests/data/openbsd/transcripts/happy.txt) and the
+    rendered install.conf tell the same story: each question appears in the same order with
+    the answer the matching rule gives (passwords are echoed as <provided>)."""
+    from builder.openbsd import build
+    site = make_site(tmp_path)
+    conf = answers.render_install_conf(site, build.BASE_URL)
+    log, leftover = run_installer(conf, site)
+    assert leftover == []
+    text = (DATA / "transcripts" / "happy.txt").read_text()
+    lines = text.split("Performing non-interactive install...\n", 1)[1].splitlines()
+    pos = 0
+    for question, answer, _ in log:
+        while not lines[pos].startswith(question):
+            pos += 1
+        rest = lines[pos][len(question):].strip()
+        rest = re.sub(r"^(\(or 'done'\) )?\[[^\]]*\] ?", "", rest)
+        expected = "<provided>" if question.startswith("Password for") else answer
+        assert rest == expected, (question, rest, expected)
+        pos += 1
