@@ -151,3 +151,29 @@ def test_end_to_end_build_from_a_local_release(tmp_path):
     assert (out / "obsd.manifest.json").exists() and (out / "SHA256SUMS").exists()
     log = (out / "obsd.serial.log").read_text(errors="replace")
     assert "CONGRATULATIONS!" in log and siteset.FIRSTBOOT_DONE in log
+
+
+def test_locked_build_refuses_a_release_that_differs_from_the_lock(tmp_path, fake_release):
+    import json
+    from builder.lock import FORMAT, LockError, lock_path
+    sets_dir, key = fake_release
+    site = make_site(tmp_path, {"version": "7.8", "sets_dir": str(sets_dir), "signify_key": str(key)})
+    served, tftp = tmp_path / "served", tmp_path / "tftp"
+    release = build.stage_release(site, served, tftp)
+    ob = {"locked": True, "version": "7.8", "sha256_sig": release["sha256_sig"],
+          "sets": {n: release["sets"][n] for n in sets.set_names("7.8")}}
+    build.check_locked(release, ob, Path("site.lock.json"))          # same release: accepted
+    other = dict(ob, sets=dict(ob["sets"], **{"base78.tgz": "0" * 64}))
+    with pytest.raises(LockError, match="base78.tgz is .* locked 0000"):
+        build.check_locked(release, other, Path("site.lock.json"))
+    with pytest.raises(LockError, match="SHA256.sig has sha256"):
+        build.check_locked(release, dict(ob, sha256_sig="1" * 64), Path("site.lock.json"))
+    # a lock without OpenBSD sets refuses --locked before anything is fetched
+    lock_path(site.path).write_text(json.dumps({
+        "format": FORMAT, "epoch": 1700000000, "seeds": {"seed": "s"},
+        "debian": {"suite": "trixie", "packages": {"a": {"package": "a", "architecture": "amd64",
+                                                          "version": "1", "sha256": "0" * 64, "filename": "a.deb"}}},
+        "openbsd": {"locked": False, "reason": "no openbsd.mirror", "version": "7.8"}}))
+    args = types.SimpleNamespace(name="t", out=tmp_path / "out", raw=False, verbose=False, locked=True)
+    with pytest.raises(LockError, match="no OpenBSD sets are locked"):
+        build.build_openbsd(site, args)

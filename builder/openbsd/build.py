@@ -140,6 +140,31 @@ def run_first_boot(disk: Path, workdir: Path, log: Path, progress: Progress) -> 
                              f"(serial log: {log})")
 
 
+def locked_release(site: Site):
+    """`build --locked`: the OpenBSD part of SITE's lock file (SHA256.sig and set hashes)."""
+    from ..lock import LockError, read_lock
+    lock = read_lock(site.path)
+    ob = lock.data.get("openbsd") or {}
+    if not ob.get("locked"):
+        raise LockError(f"{lock.path}: no OpenBSD sets are locked ({ob.get('reason', 'no openbsd section')}); "
+                        f"run `mkmailimage lock` with openbsd.mirror or openbsd.sets_dir set")
+    if ob.get("version") != site.model.openbsd.version:
+        raise LockError(f"{lock.path}: locked OpenBSD {ob.get('version')}, the site file asks for "
+                        f"{site.model.openbsd.version}")
+    return lock, ob
+
+
+def check_locked(release: dict, ob: dict, lock_file: Path) -> None:
+    """Refuse a release whose signed list or sets differ from the lock, naming what differs."""
+    from ..lock import LockError
+    if release["sha256_sig"] != ob.get("sha256_sig"):
+        raise LockError(f"{lock_file}: SHA256.sig has sha256 {release['sha256_sig']}, the lock has "
+                        f"{ob.get('sha256_sig')}: the mirror serves another release build")
+    for name, digest in sorted((ob.get("sets") or {}).items()):
+        if release["sets"].get(name) != digest:
+            raise LockError(f"{lock_file}: {name} is {release['sets'].get(name)}, locked {digest}")
+
+
 def manifest(site: Site, name: str, release: dict, tree: Tree, site_tgz: Path, served: Path) -> dict:
     from ..build import BUILDER_VERSION, _git_commit
     o = site.model.openbsd
@@ -173,7 +198,8 @@ def manifest(site: Site, name: str, release: dict, tree: Tree, site_tgz: Path, s
 
 def build_openbsd(site: Site, args) -> Path:
     """Build the OpenBSD image for `site`; returns the published NAME.qcow2.
-    args: name (str|None), out (Path|None), raw (bool), verbose (bool)."""
+    args: name (str|None), out (Path|None), raw (bool), verbose (bool), locked (bool: the sets
+    must match SITE.lock.json's OpenBSD section; its epoch dates the site set)."""
     from ..build import _sigterm_as_interrupt
     from ..export_image import publish
     progress = Progress(verbose=getattr(args, "verbose", False))
@@ -181,17 +207,23 @@ def build_openbsd(site: Site, args) -> Path:
     name = getattr(args, "name", None) or site.domain
     o = site.model.openbsd
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = ob_lock = None
+    if getattr(args, "locked", False):
+        lock, ob_lock = locked_release(site)      # before anything is fetched or written
     with _sigterm_as_interrupt():
         workdir = Path(tempfile.mkdtemp(prefix=".mkmailimage-openbsd.", dir=out_dir))
         try:
             served, tftp = workdir / "served", workdir / "tftp"
             with progress.stage("verify sets", f"OpenBSD {o.version}/{sets.ARCH}"):
                 release = stage_release(site, served, tftp)
+                if lock is not None:
+                    check_locked(release, ob_lock, lock.path)
             with progress.stage("site set"):
                 tree = render_tree(site, "openbsd")
                 plan = siteset.PackagePlan(f"{BASE_URL}/{answers.packages_dir(o.version)}",
                                            release["package_order"])
-                epoch = int(os.environ.get("SOURCE_DATE_EPOCH", siteset.DEFAULT_MTIME))
+                epoch = lock.epoch if lock is not None else \
+                    int(os.environ.get("SOURCE_DATE_EPOCH", siteset.DEFAULT_MTIME))
                 site_tgz = siteset.write_site_set(site, tree, plan, served / answers.server_dir(o.version), epoch)
                 write_answers(site, served)
             disk = workdir / f"{name}.raw"
