@@ -176,3 +176,14 @@ def test_package_key_is_looked_for_beside_a_named_base_key(tmp_path):
     odd.write_text("x\n")
     with pytest.raises(sets.OpenBSDSetError, match="openbsd-99-pkg.pub"):
         sets.release_key("9.9", "pkg", odd)      # never the base key for packages
+
+
+def test_no_cache_fetches_again(release):
+    src = sets.source_for(VERSION, sets_dir=release["sets"])
+    v = sets.stage(src.sets, src.is_dir, release["key"], ["bsd"], release["tmp"] / "a", "sets")
+    blob = sets.blobs_dir() / v.files["bsd"]
+    before = blob.stat().st_ino
+    sets.stage(src.sets, src.is_dir, release["key"], ["bsd"], release["tmp"] / "b", "sets")
+    assert blob.stat().st_ino == before                 # cached copy reused
+    sets.stage(src.sets, src.is_dir, release["key"], ["bsd"], release["tmp"] / "c", "sets", use_cache=False)
+    assert blob.stat().st_ino != before                 # downloaded and checked again

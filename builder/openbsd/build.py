@@ -50,7 +50,7 @@ def signify_key_file(site: Site) -> Path | None:
     return (site.path.parent / key) if key else None
 
 
-def stage_release(site: Site, served: Path, tftp: Path) -> dict:
+def stage_release(site: Site, served: Path, tftp: Path, use_cache: bool = True) -> dict:
     """Verified boot files, sets and packages under `served` (HTTP) and `tftp`; returns facts
     for the manifest."""
     o = site.model.openbsd
@@ -59,9 +59,9 @@ def stage_release(site: Site, served: Path, tftp: Path) -> dict:
     pkg_key = sets.release_key(o.version, "pkg", signify_key_file(site))
     sets_dir = served / answers.server_dir(o.version)
     names = list(dict.fromkeys(sets.BOOT_FILES + sets.set_names(o.version)))
-    verified = sets.stage(src.sets, src.is_dir, base_key, names, sets_dir, "sets")
+    verified = sets.stage(src.sets, src.is_dir, base_key, names, sets_dir, "sets", use_cache)
     pkg_dir = served / answers.packages_dir(o.version)
-    pkg_files = sets.stage_packages(src, pkg_key, sets.PACKAGES, pkg_dir)
+    pkg_files = sets.stage_packages(src, pkg_key, sets.PACKAGES, pkg_dir, use_cache)
 
     write_package_listing(pkg_dir)
 
@@ -198,7 +198,8 @@ def manifest(site: Site, name: str, release: dict, tree: Tree, site_tgz: Path, s
 
 def build_openbsd(site: Site, args) -> Path:
     """Build the OpenBSD image for `site`; returns the published NAME.qcow2.
-    args: name (str|None), out (Path|None), raw (bool), verbose (bool), locked (bool: the sets
+    args: name (str|None), out (Path|None), raw (bool), verbose (bool), no_cache (bool: fetch
+    every file again even if a verified copy is cached), locked (bool: the sets
     must match SITE.lock.json's OpenBSD section; its epoch dates the site set)."""
     from ..build import _sigterm_as_interrupt
     from ..export_image import publish
@@ -215,7 +216,7 @@ def build_openbsd(site: Site, args) -> Path:
         try:
             served, tftp = workdir / "served", workdir / "tftp"
             with progress.stage("verify sets", f"OpenBSD {o.version}/{sets.ARCH}"):
-                release = stage_release(site, served, tftp)
+                release = stage_release(site, served, tftp, use_cache=not getattr(args, "no_cache", False))
                 if lock is not None:
                     check_locked(release, ob_lock, lock.path)
             with progress.stage("site set"):

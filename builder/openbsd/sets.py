@@ -168,11 +168,12 @@ def _download(location: str, is_dir: bool, name: str) -> tuple[Path, str]:
     return Path(tmp), h.hexdigest()
 
 
-def fetch_expected(location: str, is_dir: bool, name: str, expected: str) -> Path:
-    """The cached blob of `name` with sha256 `expected`, downloading it if absent or damaged.
-    Refuses (SetVerifyError naming the file) when the downloaded content has another hash."""
+def fetch_expected(location: str, is_dir: bool, name: str, expected: str, use_cache: bool = True) -> Path:
+    """The cached blob of `name` with sha256 `expected`, downloading it if absent or damaged
+    (or always, with use_cache=False). Refuses (SetVerifyError naming the file) when the
+    downloaded content has another hash."""
     blob = blobs_dir() / expected
-    if blob.is_file() and sha256_file(blob) == expected:
+    if use_cache and blob.is_file() and sha256_file(blob) == expected:
         return blob
     tmp, got = _download(location, is_dir, name)
     if got != expected:
@@ -237,7 +238,8 @@ class Verified:
     files: dict[str, str] = field(default_factory=dict)   # name -> sha256
 
 
-def stage(base: str, is_dir: bool, key: Path, names: list[str], out: Path, what: str) -> Verified:
+def stage(base: str, is_dir: bool, key: Path, names: list[str], out: Path, what: str,
+          use_cache: bool = True) -> Verified:
     """Fetch `names` from `base` into `out` (+ SHA256.sig), every one checked; refuse otherwise."""
     out.mkdir(parents=True, exist_ok=True)
     sig_blob, table = signed_table(base, is_dir, key, what)
@@ -247,7 +249,7 @@ def stage(base: str, is_dir: bool, key: Path, names: list[str], out: Path, what:
         expected = table.get(name)
         if expected is None:
             raise SetVerifyError(f"{what}/{name}: not listed in the signed SHA256; refusing to use it")
-        blob = fetch_expected(_join(base, is_dir, name), is_dir, f"{what}/{name}", expected)
+        blob = fetch_expected(_join(base, is_dir, name), is_dir, f"{what}/{name}", expected, use_cache)
         _link(blob, out / name)
         result.files[name] = expected
     check_with_signify(out, key, names)
@@ -313,7 +315,8 @@ def verify_package_signature(pkg: Path, key: Path, name: str) -> None:
                              f"{(r.stderr or r.stdout).strip()}")
 
 
-def stage_packages(src: Source, key: Path, wanted: tuple[str, ...], out: Path) -> list[str]:
+def stage_packages(src: Source, key: Path, wanted: tuple[str, ...], out: Path,
+                   use_cache: bool = True) -> list[str]:
     """Fetch the wanted packages and their dependency closure into `out`, each one checked
     against the signed packages SHA256. Returns package file names, dependencies first."""
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +334,7 @@ def stage_packages(src: Source, key: Path, wanted: tuple[str, ...], out: Path) -
             raise SetVerifyError(f"packages/{filename} (needed by {' <- '.join(chain) or 'the build'}): "
                                  f"not listed in the signed packages SHA256")
         blob = fetch_expected(_join(src.packages, src.is_dir, filename), src.is_dir,
-                              f"packages/{filename}", expected)
+                              f"packages/{filename}", expected, use_cache)
         verify_package_signature(blob, key, f"packages/{filename}")
         for dep in package_depends(blob):
             visit(dep + ".tgz", (filename,) + chain)
