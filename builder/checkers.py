@@ -131,9 +131,7 @@ def run_checks(tree: Tree, os_name: str, only: list[str] | None = None) -> list[
     checks = [c for c in CHECKS[os_name] if only is None or c.name in only]
     results: list[CheckResult] = []
     for tools in dict.fromkeys(c.tools for c in checks):
-        lower = (tools_tree() if tools == "trixie"
-                 else tools_tree(suite="bookworm", packages=BOOKWORM_PACKAGES))
-        results += _run_in_layer(tree, os_name, lower, [c for c in checks if c.tools == tools])
+        results += _run_in_layer(tree, os_name, _tools(tools), [c for c in checks if c.tools == tools])
     return results
 
 
@@ -142,11 +140,15 @@ def run_command(tree: Tree, os_name: str, argv: list[str], tools: str = "trixie"
     to see the configuration as the daemon parses it)."""
     if os.geteuid() != 0:
         raise MkMailImageError("needs root (overlay mount, chroot)")
-    lower = tools_tree() if tools == "trixie" else tools_tree(suite="bookworm", packages=BOOKWORM_PACKAGES)
-    return _run_in_layer(tree, os_name, lower, [Check(argv[0], argv, tools)])[0]
+    return _run_in_layer(tree, os_name, _tools(tools), [Check(argv[0], argv, tools)])[0]
 
 
-def run_script(tree: Tree, os_name: str, script: str, timeout: float = 600) -> tuple[int, str]:
+def _tools(name: str) -> Path:
+    return tools_tree() if name == "trixie" else tools_tree(suite="bookworm", packages=BOOKWORM_PACKAGES)
+
+
+def run_script(tree: Tree, os_name: str, script: str, timeout: float = 600,
+               tools: str = "trixie") -> tuple[int, str]:
     """Run a shell script in the namespace of the checkers, with the layer mounted at $ROOT
     (commands run on the host's binaries unless chrooted: `chroot "$ROOT" smtpd`). The network
     namespace is empty and private, so daemons started there reach nothing and are killed with it.
@@ -158,7 +160,7 @@ def run_script(tree: Tree, os_name: str, script: str, timeout: float = 600) -> t
         upper, work, merged, out = tmp / "upper", tmp / "work", tmp / "merged", tmp / "out"
         for d in (upper, work, merged, out):
             d.mkdir()
-        lower = tools_tree()
+        lower = _tools(tools)
         prepare_upper(upper, lower, tree, os_name)
         setup = _namespace_script(lower, upper, work, merged, out, [])
         setup = setup.rsplit("\nexit 0", 1)[0]

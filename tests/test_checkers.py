@@ -324,3 +324,84 @@ def test_inbound_mail_gets_authentication_results_and_spam_goes_to_junk(mail_flo
     assert f"Authentication-Results: {site.hostname};" in junk[0]
     assert "spf=" in junk[0] and "dmarc=" in junk[0]
     assert sorted(result["folders"]) == ["Drafts", "INBOX", "Junk", "Sent", "Trash"]
+
+
+LMTP_IMAP_CLIENT = r'''
+import imaplib, json, os, pwd, smtplib, socket, ssl, sys, time
+root, socket_path, user, password = sys.argv[1:5]
+vmail_uid = int(sys.argv[5])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+result = {}
+for _ in range(100):
+    if os.path.exists(root + socket_path):
+        break
+    time.sleep(0.2)
+rd, wr = os.pipe()
+pid = os.fork()
+if pid == 0:                 # deliver as vmail inside the tree, as OpenSMTPD's LMTP delivery does
+    import encodings.idna    # noqa: F401 -- the codec cannot be imported after chroot
+    os.chroot(root); os.chdir("/")
+    os.setuid(vmail_uid)
+    out = {}
+    with smtplib.LMTP(socket_path, local_hostname="peer.example.org") as l:
+        ham = f"From: peer@example.org\r\nTo: {user}\r\nSubject: ham\r\n\r\nhi\r\n"
+        spam = f"From: peer@example.org\r\nTo: {user}\r\nSubject: spam\r\nX-Spam: yes\r\n\r\nbuy\r\n"
+        out["ham"] = l.sendmail("peer@example.org", [user], ham)
+        out["spam"] = l.sendmail("peer@example.org", [user], spam)
+        try:
+            l.sendmail("peer@example.org", ["nosuchuser@" + user.split("@")[1]], ham); out["unknown"] = "accepted"
+        except smtplib.SMTPRecipientsRefused as e:
+            out["unknown"] = list(e.recipients.values())[0][0]
+    os.write(wr, json.dumps(out).encode())
+    os._exit(0)
+os.close(wr)
+data = b""
+while chunk := os.read(rd, 65536):
+    data += chunk
+os.waitpid(pid, 0)
+result["lmtp"] = json.loads(data)
+try:
+    socket.create_connection(("127.0.0.1", 143), 2).close(); result["143"] = "open"
+except OSError:
+    result["143"] = "closed"
+m = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+m.login(user, password)
+result["folders"] = sorted(l.decode().rsplit(" ", 1)[-1] for l in m.list()[1])
+result["boxes"] = {}
+for box in ("INBOX", "Junk"):
+    m.select(box)
+    nums = m.search(None, "ALL")[1][0].split()
+    result["boxes"][box] = [m.fetch(n, "(BODY[HEADER.FIELDS (SUBJECT)])")[1][0][1].decode().strip() for n in nums]
+print("RESULT " + json.dumps(result))
+'''
+
+
+def test_openbsd_dovecot_config_delivers_files_spam_and_serves_imaps_on_dovecot_23(openbsd, site, tmp_path):
+    """The OpenBSD package ships Dovecot 2.3: run Debian 12's 2.3.19 on the rendered OpenBSD
+    dovecot.conf. Differences from OpenBSD, honestly: base_dir is Debian's /run/dovecot (OpenBSD's
+    is /var/dovecot, where smtpd.conf points), sievec is /usr/bin/sievec (OpenBSD: /usr/local/bin)."""
+    from builder.checkers import run_script
+    (tmp_path / "sink.py").write_text(SYSLOG_SINK)
+    (tmp_path / "client.py").write_text(LMTP_IMAP_CLIENT)
+    py, user = sys.executable, site.mailboxes[0]
+    script = f"""
+ip link set lo up
+{py} {tmp_path}/sink.py $ROOT/dev/log {tmp_path}/syslog.txt &
+sleep 0.5
+chroot $ROOT /usr/bin/sievec /etc/dovecot/sieve/spam-to-junk.sieve || echo "START FAILED: sievec"
+chroot $ROOT dovecot -c /etc/dovecot/dovecot.conf || echo "START FAILED: dovecot"
+{py} {tmp_path}/client.py $ROOT /run/dovecot/lmtp {user} {PASSWORD!r} $(chroot $ROOT id -u vmail)
+"""
+    status, output = run_script(openbsd, "openbsd", script, tools="bookworm", timeout=300)
+    syslog = (tmp_path / "syslog.txt").read_text(errors="replace")
+    assert "START FAILED" not in output, output
+    line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+    assert line, f"{output}\n--- syslog\n{syslog}"
+    result = json.loads(line[len("RESULT "):])
+    assert result["lmtp"]["ham"] == {} and result["lmtp"]["spam"] == {}
+    assert result["lmtp"]["unknown"] == 550
+    assert result["143"] == "closed"
+    assert result["folders"] == ["Drafts", "INBOX", "Junk", "Sent", "Trash"]
+    assert result["boxes"] == {"INBOX": ["Subject: ham"], "Junk": ["Subject: spam"]}
+    errors = [l for l in syslog.splitlines() if re.search(r"dovecot.*(Error|Fatal)", l)]
+    assert not errors, "\n".join(errors)
