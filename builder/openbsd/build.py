@@ -240,6 +240,19 @@ def build_openbsd(site: Site, args) -> Path:
                 outputs = publish(workdir, out_dir, name, disk,
                                   manifest(site, name, release, tree, site_tgz, served), progress,
                                   keep_raw=getattr(args, "raw", False), serial_log=serial)
+        except BaseException:
+            _keep_logs(workdir, out_dir, name, progress)
+            raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return outputs["qcow2"]
+
+
+def _keep_logs(workdir: Path, out_dir: Path, name: str, progress: Progress) -> None:
+    """A failed build keeps its serial logs (never an image) for the post-mortem."""
+    for log in ("install.serial.log", "firstboot.serial.log"):
+        src = workdir / log
+        if src.exists():
+            dest = out_dir / f"{name}.failed.{log}"
+            shutil.copyfile(src, dest)
+            progress.say(f"kept {dest}")
