@@ -87,13 +87,14 @@ def disk_gib(site: Site) -> int:
 
 def partition_sizes(gib: int) -> dict[str, str]:
     """Fixed sizes in MiB for everything but /var, which gets the rest of the disk.
-    /usr keeps at least 2 GiB: base, packages, the relink kits, and the installer needs more than
-    1 GiB free there (or in /tmp) to prefetch and verify the sets."""
+    /usr as OpenBSD's own auto layout (3 GiB from 8 GiB disks): base (~1.2 GiB unpacked), the
+    relink kits, the packages in /usr/local, and, during the install, the prefetched sets (the
+    installer needs more than 1 GiB free in /tmp, /home or /usr to verify them before unpacking)."""
     total = gib * 1024
-    root = 768 if gib >= 8 else 600
+    root = 768 if gib >= 8 else 512
     swap = min(1024, max(256, total // 20))
     tmp = min(2048, max(256, total // 20))
-    usr = min(8192, max(2048, total // 5))
+    usr = min(8192, max(3072 if gib >= 8 else 2304, total // 5))
     home = 256 if gib >= 16 else 64
     var_min = total - root - swap - tmp - usr - home - 64   # 64 MiB: MBR, boot blocks, rounding
     if var_min < 512:
