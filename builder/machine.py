@@ -125,10 +125,22 @@ class Machine:
     def _ssh(self) -> paramiko.SSHClient:
         if self._client is None or not self._client.get_transport() \
                 or not self._client.get_transport().is_active():
-            self._client = self._connect()
+            try:
+                self._client = self._connect()
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                self._check_alive("connecting over SSH", grace=2)
+                raise MachineError(f"{self.name}: cannot connect over SSH on port "
+                                   f"{self.ssh_port}: {e!r}") from e
         return self._client
 
-    def _check_alive(self, doing: str) -> None:
+    def _check_alive(self, doing: str, grace: float = 0) -> None:
+        """MachineError with the console tail if QEMU has exited (or exits within `grace` s:
+        a lost connection is often the first sign of a guest going down)."""
+        if self.qemu is not None and grace and self.qemu.alive():
+            try:
+                self.qemu.proc.wait(grace)
+            except Exception:  # noqa: BLE001 - still running: not our explanation
+                pass
         if self.qemu is not None and not self.qemu.alive():
             raise MachineError(f"{self.name}: QEMU exited while {doing}; serial log "
                                f"{self.qemu.log_path}:\n{self._log_tail()}")
@@ -186,7 +198,12 @@ class Machine:
                                        f"{timeout:g} s\n--- stdout so far ---\n"
                                        f"{out.decode(errors='replace')[-2000:]}")
                 select.select([chan], [], [], 0.1)
-            return chan.recv_exit_status(), bytes(out), bytes(err)
+            status = chan.recv_exit_status()
+            if status == -1 and not chan.get_transport().is_active():
+                self.close()
+                self._check_alive(f"running {cmd!r}", grace=5)
+                raise MachineError(f"{self.name}: SSH connection lost while running {cmd!r}")
+            return status, bytes(out), bytes(err)   # -1: killed by a signal
         finally:
             chan.close()
 
@@ -253,13 +270,18 @@ class Machine:
         return self._os
 
     def wait_for_unit(self, unit: str, timeout: float = 300) -> None:
-        """Until the service is active; fails at once if systemd says it failed."""
+        """Until the service is active; fails at once if systemd says it failed or does not
+        know the unit."""
         if self.guest_os() == "OpenBSD":
             self.wait_until_succeeds(f"rcctl check {unit}", timeout)
             return
 
         def check():
-            state = self.execute(f"systemctl show -p ActiveState --value {unit}")[1].strip()
+            props = self.execute(f"systemctl show -p LoadState -p ActiveState {unit}")[1]
+            values = dict(l.split("=", 1) for l in props.splitlines() if "=" in l)
+            if values.get("LoadState") == "not-found":
+                raise MachineError(f"{self.name}: unit {unit} does not exist")
+            state = values.get("ActiveState", "")
             if state == "failed":
                 status = self.execute(f"systemctl status --no-pager -l {unit}; "
                                       f"journalctl --no-pager -n 40 -u {unit}")[1]

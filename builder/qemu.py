@@ -38,7 +38,9 @@ on one side), "socket-udp" (legacy -netdev socket udp=/localaddr=). `dgram_pair(
 matching dgram NICs. Every NIC has a fixed MAC so guests can match interfaces by MAC.
 
 Cleanup: every Qemu is registered with builder.procs, so exit, Ctrl-C, SIGTERM and SIGHUP
-kill QEMU and remove the run dir; QEMU also dies with its parent (PR_SET_PDEATHSIG).
+kill QEMU and remove the run dir; QEMU also dies with its parent (PR_SET_PDEATHSIG). Note
+that PDEATHSIG fires when the *thread* that started QEMU ends: start a VM from a thread
+that outlives its use (normally the main thread).
 """
 from __future__ import annotations
 
@@ -302,7 +304,8 @@ class Qemu:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Short path under /tmp: unix socket paths must stay below 108 bytes.
-        self.rundir = Path(tempfile.mkdtemp(prefix=f"mkmi-{self.spec.name[:12]}-"))
+        tag = "".join(c if c.isalnum() or c in ".-_" else "_" for c in self.spec.name[:12])
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"mkmi-{tag}-"))
         procs.track(self)
         self._prepare_files()
         for attempt in range(5):

@@ -74,8 +74,8 @@ def test_wait_for_open_port(machine):
 
 def test_wait_for_unit_with_stub_systemctl(machine):
     """STUB: the tiny guest has no systemd, so a shell stub stands in for `systemctl show`
-    (state read from a file); the real units are checked against the Debian image."""
-    machine.succeed("printf '#!/bin/sh\\ncat /tmp/unit-state\\n'"
+    (printing the properties from a file); the real units are checked against the Debian image."""
+    machine.succeed("printf '#!/bin/sh\\necho LoadState=loaded; echo ActiveState=$(cat /tmp/unit-state)\\n'"
                     " > /bin/systemctl && chmod +x /bin/systemctl")
     machine.succeed("echo activating > /tmp/unit-state;"
                     " (sleep 2; echo active > /tmp/unit-state) >/dev/null 2>&1 &")
@@ -83,6 +83,9 @@ def test_wait_for_unit_with_stub_systemctl(machine):
     machine.succeed("echo failed > /tmp/unit-state")
     with pytest.raises(MachineError, match="demo.service failed"):
         machine.wait_for_unit("demo.service", timeout=60)
+    machine.succeed("printf '#!/bin/sh\\necho LoadState=not-found\\n' > /bin/systemctl")
+    with pytest.raises(MachineError, match="does not exist"):
+        machine.wait_for_unit("nope.service", timeout=60)
     machine.succeed("rm /bin/systemctl")
 
 
@@ -124,3 +127,17 @@ def test_shutdown_powers_off(tiny_guest, tmp_path, ssh_key):
         assert vm.proc.returncode == 0
         with pytest.raises(MachineError, match="QEMU exited"):
             m.wait_for_ssh(timeout=10)
+
+
+def test_guest_dying_mid_command_is_reported(tiny_guest, tmp_path, ssh_key):
+    key, public = ssh_key
+    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
+                    append=append(authorized_key=public), memory=256, smp=1,
+                    forwards={22: None}, name="d")
+    with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
+        m.wait_for_ssh(timeout=180)
+        m.succeed("(sleep 1; poweroff -f) >/dev/null 2>&1 &")
+        with pytest.raises(MachineError, match="QEMU exited while running 'sleep 60'"):
+            m.run("sleep 60", timeout=120)
+        with pytest.raises(MachineError, match="QEMU exited"):
+            m.succeed("true")
