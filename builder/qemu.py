@@ -76,7 +76,7 @@ OVMF_PAIRS = [  # (code, vars template), newest layout first
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
 ]
 USER_MAC = "52:54:00:12:34:56"
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0  # generous: the build machine may be loaded
 
 
 class QemuError(BuildError):
@@ -314,7 +314,8 @@ class Qemu:
             err = self._launch()
             if err is None:
                 return
-            if "hostfwd" in err or "in use" in err.lower():
+            auto_ports = any(h is None for h in self.spec.forwards.values())
+            if auto_ports and "host forwarding rule" in err:
                 continue  # another process took a port between our pick and QEMU's bind
             raise QemuError(f"QEMU ({self.spec.name}) failed to start: {err}")
         raise QemuError(f"QEMU ({self.spec.name}) failed to start: {err}")

@@ -293,3 +293,19 @@ def test_signal_to_builder_leaves_no_qemu(tiny_guest, tmp_path, sig):
             child.wait()
         if line:
             subprocess.run(["rm", "-rf", json.loads(line)["rundir"]])
+
+
+def test_auto_port_taken_before_qemu_binds_is_retried(tmp_path, monkeypatch):
+    """The race between picking a free port and QEMU binding it: the first pick is made busy
+    on purpose, the retry must pick another one."""
+    import builder.qemu as qemu_mod
+    real_free_port = qemu_mod.free_port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        picks = [busy.getsockname()[1]]
+        monkeypatch.setattr(qemu_mod, "free_port",
+                            lambda *a: picks.pop(0) if picks else real_free_port(*a))
+        with Qemu(QemuSpec(forwards={22: None}), tmp_path, accel=accel._forced("tcg")) as vm:
+            assert vm.qmp_status() in ("running", "prelaunch", "paused")
+            assert vm.host_port(22) != busy.getsockname()[1]
