@@ -79,7 +79,7 @@ def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, 
     assert all(f'<a href="{n}">' in listing for n in release["package_order"])
     assert sorted(p.relative_to(tftp).as_posix() for p in tftp.rglob("*") if p.is_file()) == \
         ["bsd", "bsd.rd", "etc/boot.conf", "pxeboot"]
-    assert (tftp / "etc/boot.conf").read_text() == "stty com0 115200\nset tty com0\n"
+    assert (tftp / "etc/boot.conf").read_text() == "stty com0 115200\nset tty com0\nboot tftp:/bsd.rd\n"
     conf = (served / "install.conf").read_text()
     assert "HTTP Server = http://10.0.2.100\n" in conf
     assert "URL to autopartitioning template for disklabel = http://10.0.2.100/disklabel\n" in conf

@@ -69,8 +69,10 @@ def stage_release(site: Site, served: Path, tftp: Path, use_cache: bool = True) 
     for name, source in [("pxeboot", "pxeboot"), ("bsd.rd", "bsd.rd"), ("bsd", "bsd.rd")]:
         shutil.copyfile(sets_dir / source, tftp / name)
     (tftp / "etc").mkdir(exist_ok=True)
-    # pxeboot reads etc/boot.conf over TFTP: console on the serial line from here on
-    (tftp / "etc" / "boot.conf").write_text("stty com0 115200\nset tty com0\n")
+    # pxeboot reads etc/boot.conf over TFTP: the console moves to the serial line before the
+    # kernel loads (so the kernel and installer talk on com0), then bsd.rd boots at once. Should
+    # a boot> prompt appear anyway, the driver types BOOT_COMMANDS.
+    (tftp / "etc" / "boot.conf").write_text("stty com0 115200\nset tty com0\nboot tftp:/bsd.rd\n")
     return {
         "source": o.mirror or f"local directory ({Path(o.sets_dir).name})",
         "signify_key": base_key.name,
