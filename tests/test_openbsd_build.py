@@ -177,3 +177,16 @@ def test_locked_build_refuses_a_release_that_differs_from_the_lock(tmp_path, fak
     args = types.SimpleNamespace(name="t", out=tmp_path / "out", raw=False, verbose=False, locked=True)
     with pytest.raises(LockError, match="no OpenBSD sets are locked"):
         build.build_openbsd(site, args)
+
+
+def test_guestfwd_relay_carries_a_request_to_the_http_server(tmp_path):
+    """builder.openbsd.relay as QEMU's guestfwd runs it: the connection on stdin/stdout."""
+    import subprocess
+    import sys
+    (tmp_path / "install.conf").write_text("Terminal type = vt220\n")
+    with FileServer(tmp_path) as srv:
+        r = subprocess.run([sys.executable, "-m", "builder.openbsd.relay", "127.0.0.1", str(srv.port)],
+                           input=b"GET /install.conf?path=7.8/amd64 HTTP/1.0\r\nHost: 10.0.2.100\r\n\r\n",
+                           capture_output=True, timeout=30)
+    assert r.returncode == 0
+    assert r.stdout.startswith(b"HTTP/1.0 200") and r.stdout.endswith(b"Terminal type = vt220\n")
