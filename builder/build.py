@@ -40,12 +40,13 @@ class BuildState:
     keep_raw: bool = False
     no_cache: bool = False
     boot_check: bool = False
+    locked: bool = False
     epoch: int | None = None
     seed: str | None = None
-    lock: object = None             # builder.lock.Lock for `build --locked`
     progress: Progress = field(default_factory=Progress)
     # filled by the steps
     site: object = None
+    lock: object = None
     overlay: object = None
     base_inputs: object = None
     base_tar: Path | None = None
@@ -55,6 +56,7 @@ class BuildState:
     raw: Path | None = None
     seeds: object = None
     serial_log: Path | None = None
+    tree_bytes: int = 0
     boot_report: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
 
@@ -66,9 +68,6 @@ def step_validate(st: BuildState) -> None:
     from .debian.bootstrap import DEFAULT_EPOCH
     from .debian.disk import Seeds
     st.site = load_site(st.site_path)
-    if st.site.model.debian.installer != "bootstrap":
-        raise BuildError("build: this pipeline implements the 'bootstrap' installer; "
-                         f"the site asks for '{st.site.model.debian.installer}'")
     for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("mke2fs", "e2fsprogs"), ("sfdisk", "fdisk"),
                       ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("qemu-img", "qemu-utils"),
                       ("systemctl", "systemd")):
@@ -81,6 +80,10 @@ def step_validate(st: BuildState) -> None:
     st.name = st.name or st.site.domain
     if "/" in st.name or st.name.startswith("."):
         raise BuildError(f"build: --name '{st.name}' must be a plain file name")
+    if st.locked:
+        from .lock import read_lock
+        st.lock = read_lock(st.site_path)
+        st.epoch, st.seed = st.lock.epoch, st.lock.seed
     env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
     st.epoch = st.epoch if st.epoch is not None else int(env_epoch) if env_epoch else DEFAULT_EPOCH
     st.seeds = Seeds.from_string(st.seed or st.site.hostname)
@@ -121,6 +124,7 @@ def step_assemble_disk(st: BuildState) -> None:
     size = disk.parse_size(st.site.model.debian.disk_size)
     disk.prepare_tree(st.tree, st.seeds)
     layer.clamp_mtimes(st.tree, st.epoch)
+    st.tree_bytes = layer.tree_bytes(st.tree)
     disk.assemble(st.tree, st.raw, size, st.seeds, st.epoch, st.progress, st.workdir)
 
 
@@ -166,6 +170,8 @@ def make_manifest(st: BuildState, packages: dict[str, str]) -> dict:
                  "domain": st.site.domain, "hostname": st.site.hostname},
         "inputs": {
             "installer": "bootstrap",
+            "lock": ({"file": st.lock.path.name, "sha256": sha256_file(st.lock.path)}
+                     if st.lock is not None else None),
             "suite": d.suite,
             # the build host's mirror is not recorded by name (images never name it)
             "build_mirror": d.mirror or "build host's apt mirror",
@@ -178,6 +184,7 @@ def make_manifest(st: BuildState, packages: dict[str, str]) -> dict:
             "mmdebstrap": mmdebstrap_version(),
             "overlay_sha256": overlay_hash.hexdigest(),
             "disk_size": d.disk_size,
+            "tree_bytes": st.tree_bytes,
         },
         "secrets_in_image": {"dkim_private_keys": [f"{dkim_dir}/{st.site.domain}.{s}.key"
                                                    for s in sorted(st.site.dkim_keys)],
@@ -217,6 +224,7 @@ def _sigterm_as_interrupt():
 def run_build(st: BuildState, skip: tuple[str, ...] = ()) -> BuildState:
     st.out_dir = Path(st.out_dir)
     st.out_dir.mkdir(parents=True, exist_ok=True)
+    os.umask(0o022)   # directories the build makes in the tree (/, /boot/grub ...) must not follow the caller's umask
     with _sigterm_as_interrupt():
         st.workdir = Path(tempfile.mkdtemp(prefix=".mkmailimage-build.", dir=st.out_dir))
         try:
@@ -232,10 +240,11 @@ def run_build(st: BuildState, skip: tuple[str, ...] = ()) -> BuildState:
 
 def summary(st: BuildState) -> str:
     lines = []
+    sums = json.loads(st.outputs["manifest"].read_text())["outputs"]
     for kind in ("qcow2", "raw"):
         p = st.outputs.get(kind)
         if p:
-            lines.append(f"{p}  {p.stat().st_size / 2**20:.0f} MiB  sha256 {sha256_file(p)}")
+            lines.append(f"{p}  {p.stat().st_size / 2**20:.0f} MiB  sha256 {sums[p.name]}")
     for kind in ("manifest", "sums", "serial"):
         if st.outputs.get(kind):
             lines.append(str(st.outputs[kind]))
@@ -245,8 +254,12 @@ def summary(st: BuildState) -> str:
 def cmd_build(args) -> int:
     if args.os != "debian":
         raise BuildError(f"build: '{args.os}' images are built by another pipeline (not this one)")
-    if getattr(args, "installer", None) == "preseed":
-        from .debian import preseed   # the preseed installer's own pipeline
+    from .site import load_site
+    installer = getattr(args, "installer", None) or load_site(Path(args.site)).model.debian.installer
+    if installer == "preseed":
+        from .debian import preseed   # the preseed installer has its own pipeline
+        if not hasattr(preseed, "cmd_build"):
+            raise BuildError("build: the 'preseed' installer's pipeline is not available in this tree")
         return preseed.cmd_build(args)
     lock = None
     if getattr(args, "locked", False):
@@ -261,6 +274,7 @@ def cmd_build(args) -> int:
     progress = Progress(verbose=getattr(args, "verbose", False))
     st = BuildState(site_path=Path(args.site), out_dir=Path(args.out or paths.IMAGES),
                     name=args.name, keep_raw=args.raw, no_cache=args.no_cache,
+                    locked=getattr(args, "locked", False),
                     boot_check=getattr(args, "boot_check", False), progress=progress,
                     lock=lock, epoch=lock.epoch if lock else None, seed=lock.seed if lock else None)
     try:

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--installer", choices=["bootstrap", "preseed"], help="override debian.installer")
     s.add_argument("--no-cache", action="store_true", help="rebuild every cached layer and download")
     s.add_argument("--locked", action="store_true", help="use exactly the inputs in SITE's lock file")
+    s.add_argument("--boot-check", action="store_true",
+                   help="boot the new image once (throw-away overlay) and wait for the mail ports")
     s.set_defaults(func=_handler("build:cmd_build"))
 
     s = sub.add_parser("test", help="boot two images on a private network and prove they exchange signed mail")

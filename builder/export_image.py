@@ -36,7 +36,9 @@ def to_qcow2(raw: Path, dest: Path, progress: Progress) -> None:
     qemu_img = shutil.which("qemu-img")
     if not qemu_img:
         raise ToolMissing("qemu-img", "qemu-utils")
-    progress.run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib",
+    # zstd: about a tenth of zlib's CPU time here; readable by QEMU >= 5.1 (qemu-img convert
+    # to another format or `mkmailimage export` for older consumers)
+    progress.run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd",
                   str(raw), str(dest)], what="export: qemu-img convert")
 
 

@@ -21,3 +21,7 @@ def ssh_key(tmp_path):
     """A fresh ed25519 key for this test: (private key path, public "ssh-ed25519 ..." line)."""
     from builder.machine import ssh_keypair
     return ssh_keypair(tmp_path / "ssh")
+
+
+# The shared built Debian mail image (session scope), see tests/fixtures_build.py.
+from fixtures_build import debian_image  # noqa: E402,F401

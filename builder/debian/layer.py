@@ -272,3 +272,15 @@ def clamp_mtimes(tree: Path, epoch: int) -> None:
             st = os.lstat(p)
             if st.st_mtime > epoch or st.st_atime > epoch:
                 os.utime(p, (epoch, min(st.st_mtime, epoch)), follow_symlinks=False)
+
+
+def tree_bytes(tree: Path) -> int:
+    """Apparent size of the installed tree (regular files, hard links counted once)."""
+    seen, total = set(), 0
+    for dirpath, _, filenames in os.walk(tree):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
