@@ -161,7 +161,8 @@ def make_manifest(st: BuildState, packages: dict[str, str]) -> dict:
     for e in st.overlay.sorted():
         overlay_hash.update(f"{e.path}\0{e.mode:o}\0{e.owner}\0{e.group}\0".encode())
         overlay_hash.update(hashlib.sha256(e.data).digest() if e.data is not None else b"dir")
-    dkim_dir = "/var/lib/rspamd/dkim"
+    from .render import OS_FACTS
+    dkim_dir = OS_FACTS["debian"]["rspamd_dkim_dir"]
     return {
         "name": st.name,
         "os": "debian",
@@ -252,8 +253,11 @@ def summary(st: BuildState) -> str:
 
 
 def cmd_build(args) -> int:
-    if args.os != "debian":
-        raise BuildError(f"build: '{args.os}' images are built by another pipeline (not this one)")
+    if args.os == "openbsd":
+        from .openbsd.build import build_openbsd   # one module per distribution, like mkosi
+        from .site import load_site
+        print(build_openbsd(load_site(Path(args.site)), args))
+        return 0
     from .site import load_site
     installer = getattr(args, "installer", None) or load_site(Path(args.site)).model.debian.installer
     if installer == "preseed":
