@@ -2,8 +2,8 @@
 when or where they ran. Each one was found with `mkmailimage diff` on two builds from one lock
 (docs/reproducibility.md lists them and why).
 
-- `clamp_tree_times`: files the build writes after mmdebstrap (overlay, hostname, grub.cfg,
-  initramfs ...) carry the build's clock; clamp every mtime to the epoch, as mmdebstrap does.
+- (builder.debian.layer.clamp_mtimes, called by disk.assemble right before mke2fs: files the
+  build writes after mmdebstrap, grub.cfg and fstab included, carry the build's clock.)
 - `fix_ext4_times`: mke2fs 1.47.0 `-d` copies each inode's ctime and atime from the source
   tree (ctime = when the tree was extracted, atime = when mke2fs read the file, thanks to
   relatime) and ignores SOURCE_DATE_EPOCH; only crtime and the superblock follow
@@ -19,19 +19,6 @@ from pathlib import Path
 from .errors import BuildError
 from .imageread.disk import need
 from .imageread.ext4 import Ext4Reader
-
-
-def clamp_tree_times(tree: Path, epoch: int) -> int:
-    """Set every mtime newer than `epoch` to `epoch` (symlinks too). Returns how many."""
-    changed = 0
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames + filenames + ([] if dirpath != str(tree) else ["."]):
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if st.st_mtime > epoch:
-                os.utime(p, (epoch, epoch), follow_symlinks=False)
-                changed += 1
-    return changed
 
 
 def fix_ext4_times(raw: Path, offset: int, epoch: int) -> int:
