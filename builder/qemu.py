@@ -129,7 +129,8 @@ class QemuSpec:
     disks: list = field(default_factory=list)          # Disk or path
     blank_disks: list[str] = field(default_factory=list)  # sizes ("4G"): new qcow2 disks
     firmware: str = "bios"                             # bios (SeaBIOS) | uefi (OVMF)
-    uefi_vars: str | Path | None = None                # persistent vars file (default: private copy)
+    uefi_vars: str | Path | None = None                # persistent vars file, created from the
+                                                       # template if missing (default: private copy)
     kernel: str | Path | None = None
     initrd: str | Path | None = None
     append: str | None = None
@@ -327,9 +328,11 @@ class Qemu:
                                  capture_output=True, text=True)
             if res.returncode:
                 raise QemuError(f"blank_disks[{i}]={size!r}: qemu-img: {res.stderr.strip()}")
-        if self.spec.firmware == "uefi" and not self.spec.uefi_vars:
+        if self.spec.firmware == "uefi":
             _, vars_template = self._ovmf()
-            shutil.copyfile(vars_template, self.rundir / "OVMF_VARS.fd")
+            target = Path(self.spec.uefi_vars or self.rundir / "OVMF_VARS.fd")
+            if not target.exists():   # a persistent vars file starts from the template too
+                shutil.copyfile(vars_template, target)
 
     def _ovmf(self) -> tuple[str, str]:
         for code, vars_template in OVMF_PAIRS:
