@@ -309,3 +309,13 @@ def test_auto_port_taken_before_qemu_binds_is_retried(tmp_path, monkeypatch):
         with Qemu(QemuSpec(forwards={22: None}), tmp_path, accel=accel._forced("tcg")) as vm:
             assert vm.qmp_status() in ("running", "prelaunch", "paused")
             assert vm.host_port(22) != busy.getsockname()[1]
+
+
+def test_persistent_uefi_vars_created_from_template(tmp_path):
+    vars_file = tmp_path / "nvram" / "VARS.fd"
+    vars_file.parent.mkdir()
+    spec = QemuSpec(firmware="uefi", uefi_vars=vars_file)
+    with Qemu(spec, tmp_path, accel=accel._forced("tcg")) as vm:
+        assert vm.qmp_status() == "running"
+        assert f"file={vars_file}" in " ".join(vm.cmdline)
+    assert vars_file.stat().st_size in (131072, 540672)   # OVMF_VARS(_4M).fd
