@@ -138,6 +138,8 @@ def _disk_path() -> Path:
 def _from_disk() -> Accel | None:
     try:
         data = json.loads(_disk_path().read_text())
+        if data["name"] == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return None   # KVM went away since: decide again
         return Accel(data["name"], list(data["args"]), data["reason"] + " [cached]")
     except (OSError, ValueError, KeyError, TypeError):
         return None
