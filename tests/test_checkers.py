@@ -186,6 +186,13 @@ def wait(port):
             time.sleep(0.2)
     return False
 result["open"] = {p: wait(p) for p in (25, 465, 587, 993)}
+import paramiko
+t = paramiko.Transport((server, 22)); t.start_client(timeout=30)
+try:
+    t.auth_none("root"); result["ssh_auth"] = "none accepted"
+except paramiko.BadAuthenticationType as e:
+    result["ssh_auth"] = e.allowed_types
+t.close()
 try:    # a listener the firewall does not open: dropped (time-out), not refused
     socket.create_connection((server, 8025), 3).close(); result["8025"] = "open"
 except socket.timeout:
@@ -265,6 +272,7 @@ chroot $ROOT dovecot -c /etc/dovecot/dovecot.conf || echo "START FAILED: dovecot
 chroot $ROOT rspamd -c /etc/rspamd/rspamd.conf -u _rspamd -g _rspamd || echo "START FAILED: rspamd"
 chroot $ROOT smtpd -f /etc/smtpd.conf || echo "START FAILED: smtpd"
 chroot $ROOT nft -f /etc/nftables.conf || echo "START FAILED: nft"
+chroot $ROOT /usr/sbin/sshd -f /etc/ssh/sshd_config || echo "START FAILED: sshd"
 {py} -c 'import socket,time; s=socket.socket(); s.bind(("0.0.0.0", 8025)); s.listen(); time.sleep(900)' &
 for i in $(seq 50); do [ -S $ROOT/run/smtpd.sock ] && break; sleep 0.2; done
 printf 'From: {user}\nTo: {user}\nSubject: via sendmail\nMessage-ID: <local@{site.domain}>\n\nhi\n' | chroot $ROOT sendmail -f {user} {user} || echo "SENDMAIL FAILED"
@@ -292,6 +300,7 @@ def test_daemons_start_and_only_the_mail_ports_listen(mail_flow):
     assert result["open"] == {"25": True, "465": True, "587": True, "993": True}
     assert result["143"] == "closed"
     assert result["8025"] == "filtered"            # nftables (loaded for real here) drops it
+    assert result["ssh_auth"] == ["publickey"]     # sshd offers no password login
 
 
 def test_submission_authenticates_against_the_shared_passwd_file(mail_flow):
