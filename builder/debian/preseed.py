@@ -122,11 +122,14 @@ def render_preseed(site: Site, mirror: str, base_url: str, disk: str = DISK,
 
 def kernel_append(site: Site, base_url: str) -> str:
     """The installer's command line: auto mode from our preseed, text frontend on ttyS0.
-    Hostname and domain go here too: netcfg runs before the preseed is fetched. What follows
-    `---` is kept for the installed system's kernel."""
+    Hostname, domain and name server go here too: netcfg runs before the preseed is fetched,
+    and the restricted network offers no DNS (none is needed: the guest reaches the builder by
+    address; 127.0.0.1 makes lookups fail at once). What follows `---` is kept for the
+    installed system's kernel."""
     domain = site.hostname.split(".", 1)[1]
     return (f"auto=true priority=critical url={base_url}/preseed.cfg DEBIAN_FRONTEND=text "
             f"hostname={site.short_hostname} domain={domain} interface=auto "
+            "netcfg/get_nameservers=127.0.0.1 "
             "console=ttyS0,115200n8 --- console=ttyS0,115200n8")
 
 
@@ -264,9 +267,11 @@ def late_status(requests) -> str | None:
 
 def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Path,
             verbose: bool = False, progress=None, stall_timeout: float = 1200,
-            deadline: float = 4 * 3600, netboot_files: netboot.Netboot | None = None) -> None:
+            deadline: float = 4 * 3600, netboot_files: netboot.Netboot | None = None,
+            append: str | None = None) -> None:
     """Install Debian with the preseed onto `disk_path` (an existing raw or qcow2 file).
-    Raises an InstallerError subclass naming the question, URL or failure that stopped it."""
+    Raises an InstallerError subclass naming the question, URL or failure that stopped it.
+    `append` replaces the kernel command line (tests use it to leave a question open)."""
     from ..httpserve import FileServer
     from ..qemu import Disk, Qemu, QemuSpec
     from .mirrorproxy import MirrorProxy
@@ -283,7 +288,7 @@ def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Pa
     with FileServer(served) as files, MirrorProxy(routes) as mirror:
         relay = f"cmd:{sys.executable} -m builder.openbsd.relay 127.0.0.1"
         spec = QemuSpec(disks=[Disk(disk_path)], kernel=nb.kernel, initrd=nb.initrd,
-                        append=kernel_append(site, base_url), memory=MEMORY, smp=SMP,
+                        append=append or kernel_append(site, base_url), memory=MEMORY, smp=SMP,
                         guestfwd={f"{FILES_ADDR}:80": f"{relay} {files.port}",
                                   f"{MIRROR_ADDR}:80": f"{relay} {mirror.port}"},
                         reboot_shutdown=True, name="debian-install")

@@ -1,0 +1,408 @@
+"""The `preseed` installer: rendered answers, the verified netboot download, the pass-through
+mirror, the installer console reader, and (marked vm) a real install under TCG.
+
+The netboot tests download from the build host's Debian mirror (skipped when it has none).
+The console tests replay a serial log recorded from a real d-i run on this machine through a
+real pexpect reader (no stand-in for the installer's behaviour beyond that recording).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pexpect import fdpexpect
+
+from builder.debian import diconsole, netboot, preseed
+from builder.debian.mirrorproxy import MirrorProxy
+from builder.hostinfo import host_debian_mirror
+from builder.httpserve import FileServer
+from builder.initsite import init_site
+from builder.render import render_tree
+from builder.site import load_site
+
+DATA = Path(__file__).parent / "data" / "debian-installer"
+PLACEHOLDER_MIRROR = "http://mirror.example.net/debian"
+BASE_URL = "http://10.0.2.100"
+HOST_MIRROR = host_debian_mirror()
+needs_mirror = pytest.mark.skipif(not HOST_MIRROR, reason="the build host's apt sources name no Debian mirror")
+
+
+def make_site(tmp_path: Path, **debian) -> object:
+    site_file = init_site("a.test", tmp_path / "site", password="correct horse battery")
+    data = yaml.safe_load(site_file.read_text())
+    data.update(hostname="mx1.a.test", timezone="Europe/Berlin", admin_ssh_keys=[
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDk6s4H0p0Qh0bJ8y0k7X5nC9w3p8c4f1k2m3n4o5p6q admin@a"])
+    data["debian"].update(debian)
+    site_file.write_text(yaml.safe_dump(data))
+    return load_site(site_file)
+
+
+def selections(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            owner, question, _type, *value = line.split(None, 3)
+            out[question] = value[0] if value else ""
+    return out
+
+
+# -- the answers ---------------------------------------------------------------------------------
+
+def test_preseed_carries_the_site_values(tmp_path):
+    site = make_site(tmp_path, mirror=PLACEHOLDER_MIRROR)
+    text = preseed.render_preseed(site, PLACEHOLDER_MIRROR, BASE_URL)
+    sel = selections(text)
+    assert sel["netcfg/get_hostname"] == "mx1" and sel["netcfg/get_domain"] == "a.test"
+    assert sel["mirror/http/hostname"] == "mirror.example.net"
+    assert sel["mirror/http/directory"] == "/debian"
+    assert sel["mirror/http/proxy"] == ""
+    assert sel["mirror/suite"] == "trixie"
+    assert sel["apt-setup/security_path"] == "/debian-security"
+    assert sel["time/zone"] == "Europe/Berlin"
+    assert sel["passwd/root-login"] == "false"
+    assert sel["partman-auto/method"] == "regular" and sel["partman-auto/choose_recipe"] == "atomic"
+    assert sel["partman/default_filesystem"] == "ext4"
+    assert sel["grub-installer/bootdev"] == "/dev/vda"
+    assert "console=ttyS0,115200n8" in sel["debian-installer/add-kernel-opts"]
+    for pkg in ("opensmtpd", "opensmtpd-filter-rspamd", "rspamd", "redis-server", "dovecot-imapd",
+                "dovecot-lmtpd", "dovecot-sieve", "unbound", "nftables", "openssh-server"):
+        assert pkg in sel["pkgsel/include"].split()
+    assert sel["tasksel/first"] == ""
+    assert f"{BASE_URL}/late.sh" in sel["preseed/late_command"]
+    assert sel["debian-installer/exit/poweroff"] == "true"
+
+
+def test_preseed_is_accepted_by_debconf_and_a_broken_one_is_not(tmp_path):
+    if not shutil.which("debconf-set-selections"):
+        pytest.skip("debconf-set-selections not installed (package debconf)")
+    site = make_site(tmp_path)
+    good = tmp_path / "preseed.cfg"
+    good.write_text(preseed.render_preseed(site, preseed.guest_mirror(), BASE_URL))
+    ok = subprocess.run(["debconf-set-selections", "--checkonly", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.cfg"
+    bad.write_text(good.read_text() + "d-i this-line-has-no-type\n")
+    broken = subprocess.run(["debconf-set-selections", "--checkonly", str(bad)], capture_output=True, text=True)
+    assert broken.returncode != 0
+
+
+def test_mirror_split_for_the_installer():
+    m = preseed.installer_mirror("https://mirror.example.net:8443/pub/debian/")
+    assert (m.protocol, m.hostname, m.directory) == ("https", "mirror.example.net:8443", "/pub/debian")
+    assert (m.security_host, m.security_path) == ("mirror.example.net:8443", "/pub/debian-security")
+    m = preseed.installer_mirror("http://m.example.net/archive", "http://sec.example.net/ds")
+    assert (m.security_host, m.security_path, m.services) == ("sec.example.net", "/ds", "security, updates")
+    assert preseed.installer_mirror("http://m.example.net/archive").services == "updates"
+    with pytest.raises(preseed.BuildError, match="file:///srv/debian"):
+        preseed.installer_mirror("file:///srv/debian")
+
+
+def test_kernel_command_line(tmp_path):
+    site = make_site(tmp_path)
+    append = preseed.kernel_append(site, BASE_URL)
+    assert f"url={BASE_URL}/preseed.cfg" in append
+    assert "auto=true priority=critical" in append and "DEBIAN_FRONTEND=text" in append
+    assert "hostname=mx1 domain=a.test" in append
+    assert append.split(" --- ")[1] == "console=ttyS0,115200n8"
+
+
+def _served_texts(out: Path) -> dict[str, bytes]:
+    texts = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "overlay.tar"}
+    with tarfile.open(out / "overlay.tar") as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                texts["overlay:" + m.name] = tar.extractfile(m).read()
+    return texts
+
+
+def test_nothing_served_names_the_build_host(tmp_path):
+    """The guest sees the mirror at the builder's address; the image's apt sources are the
+    site's mirror; the build host's mirror and name appear nowhere."""
+    site = make_site(tmp_path, mirror=PLACEHOLDER_MIRROR,
+                     security_mirror="http://security.example.net/debian-security")
+    out = preseed.write_served_dir(site, render_tree(site, "debian"), tmp_path / "served", BASE_URL)
+    texts = _served_texts(out)
+    forbidden = [socket.gethostname().encode()] if len(socket.gethostname()) > 3 else []
+    if HOST_MIRROR:
+        forbidden.append(urlsplit(HOST_MIRROR).hostname.encode())
+    for name, data in texts.items():
+        for word in forbidden:
+            assert word not in data, f"{name} contains the build host's {word.decode()}"
+    sources = texts["overlay:./etc/apt/sources.list.d/debian.sources"].decode()
+    assert f"URIs: {PLACEHOLDER_MIRROR}\n" in sources and "Suites: trixie trixie-updates" in sources
+    assert selections(texts["preseed.cfg"].decode())["mirror/http/hostname"] == preseed.MIRROR_ADDR
+
+
+def test_image_sources_default_to_debians_documented_mirror(tmp_path):
+    from builder.debian.sources import documented_mirrors
+    site = make_site(tmp_path)     # no debian.mirror
+    archive, _ = documented_mirrors(Path("/"))
+    assert f"URIs: {archive}\n" in preseed.image_sources(site)
+
+
+def test_overlay_tar_keeps_owners_modes_and_accounts(tmp_path):
+    site = make_site(tmp_path)
+    tree = render_tree(site, "debian")
+    out = preseed.write_served_dir(site, tree, tmp_path / "served", BASE_URL)
+    with tarfile.open(out / "overlay.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    for e in tree.sorted():
+        m = members["." + e.path]
+        assert (m.mode, m.uname, m.gname, m.isdir()) == (e.mode, e.owner, e.group, e.is_dir), e.path
+    passwd = members["./etc/mail/passwd"]
+    assert (passwd.mode, passwd.gname) == (0o640, "_mailauth")
+    assert "./etc/systemd/system/mkmailimage-firstboot.service" in members
+    assert "./etc/hostname" in members and tar_text(out, "./etc/hostname") == "mx1.a.test\n"
+    accounts = (out / "accounts.txt").read_text().splitlines()
+    assert "user vmail vmail /var/vmail /usr/sbin/nologin" in accounts
+    assert "member _mailauth opensmtpd" in accounts
+    assert "mkmailimage-firstboot.service" in (out / "units.txt").read_text().split()
+
+
+def tar_text(out: Path, name: str) -> str:
+    with tarfile.open(out / "overlay.tar") as tar:
+        return tar.extractfile(name).read().decode()
+
+
+def test_late_scripts_parse():
+    for script in ("late.sh", "late-target.sh"):
+        r = subprocess.run(["sh", "-n", str(preseed.paths.AUTOINSTALL / "debian" / script)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+# -- the installer console -------------------------------------------------------------------------
+
+def replay(path: Path, **kw):
+    """Run diconsole.watch over a recorded serial log, read by a real pexpect reader."""
+    with open(path, "rb") as f:
+        console = fdpexpect.fdspawn(f.fileno(), encoding="utf-8", codec_errors="replace")
+        lines: list[str] = []
+        diconsole.watch(console, report=lines.append, stall_timeout=30, **kw)
+        return lines
+
+
+def test_console_download_failure_names_the_url():
+    url = "http://mirror.example.net/debian/pool/main/e/e2fsprogs/e2fsprogs-udeb_1.47.2-3+b12_amd64.udeb (HTTP 404)"
+    with pytest.raises(diconsole.InstallerDownloadFailed) as e:
+        replay(DATA / "download-failed.serial.log", failed_downloads=lambda: [url])
+    msg = str(e.value)
+    assert "Download installer components" in msg and "Downloading a file failed" in msg
+    assert url in msg
+
+
+def test_console_reports_stages_with_percentages():
+    lines = []
+    with pytest.raises(diconsole.InstallerError):
+        with open(DATA / "download-failed.serial.log", "rb") as f:
+            console = fdpexpect.fdspawn(f.fileno(), encoding="utf-8", codec_errors="replace")
+            diconsole.watch(console, report=lines.append, stall_timeout=30)
+    assert "installer: Configuring the network with DHCP 100%" in lines
+    assert "installer: Checking the Debian archive mirror 100%" in lines
+    assert any(l.startswith("installer: Loading additional components") for l in lines)
+
+
+def test_console_question_text_and_kinds():
+    screen = ("Configure the network\n---------------------\nThe name servers are used to look up host names.\n"
+              "Name server addresses:\nPrompt: '?' for help, default=>")
+    assert diconsole.question_text(screen).startswith("Configure the network\nThe name servers")
+    assert not diconsole.is_download_failure(diconsole.question_text(screen))
+    log = DATA / "download-failed.serial.log"
+    assert diconsole.is_download_failure(diconsole.question_text(log.read_text(errors="replace")))
+
+
+def test_console_end_without_late_command_is_an_error(tmp_path):
+    # the recording cut before the question: the console ends (QEMU exited) mid-install
+    text = (DATA / "download-failed.serial.log").read_text(errors="replace")
+    cut = tmp_path / "cut.log"
+    cut.write_text(text[:text.index("Download installer components")])
+    with pytest.raises(diconsole.InstallerExited):
+        replay(cut)
+    assert replay(cut, late_status=lambda: "ok")[-1] == "installer: finished, machine powered off"
+    with pytest.raises(diconsole.LateCommandFailed, match="download-overlay.tar"):
+        replay(cut, late_status=lambda: "failed:download-overlay.tar")
+
+
+def test_late_status_from_server_log():
+    assert preseed.late_status([("GET", "/preseed.cfg", 200)]) is None
+    assert preseed.late_status([("GET", "/status/late-ok", 200)]) == "ok"
+    assert preseed.late_status([("GET", "/status/late-failed/late-target", 404)]) == "failed:late-target"
+
+
+# -- the pass-through mirror ---------------------------------------------------------------------
+
+def test_mirror_proxy_passes_files_and_records_misses(tmp_path):
+    (tmp_path / "archive/dists/trixie").mkdir(parents=True)
+    (tmp_path / "archive/dists/trixie/Release").write_text("Suite: stable\n")
+    (tmp_path / "security").mkdir()
+    (tmp_path / "security/README").write_text("security\n")
+    with FileServer(tmp_path) as up:
+        routes = {"/debian": f"http://127.0.0.1:{up.port}/archive",
+                  "/debian-security": f"http://127.0.0.1:{up.port}/security"}
+        with MirrorProxy(routes) as px:
+            base = f"http://127.0.0.1:{px.port}"
+            assert urllib.request.urlopen(f"{base}/debian/dists/trixie/Release").read() == b"Suite: stable\n"
+            assert urllib.request.urlopen(f"{base}/debian-security/README").read() == b"security\n"
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{base}/debian/pool/main/x/x.udeb")
+            assert e.value.code == 404
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{base}/elsewhere")
+    failed = [(r.path, r.status, r.url) for r in px.failed()]
+    assert ("/debian/pool/main/x/x.udeb", 404, f"{routes['/debian']}/pool/main/x/x.udeb") in failed
+    assert ("/elsewhere", 404, None) in failed
+
+
+# -- the netboot package ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def netboot_cache(tmp_path_factory):
+    if not HOST_MIRROR:
+        pytest.skip("the build host's apt sources name no Debian mirror")
+    cache = tmp_path_factory.mktemp("netboot-cache")
+    nb = netboot.fetch_netboot(HOST_MIRROR, "trixie", cache=cache, log=lambda _: None)
+    return cache, nb
+
+
+def test_netboot_is_verified_and_extracted(netboot_cache):
+    cache, nb = netboot_cache
+    assert nb.package == "debian-installer-13-netboot-amd64"
+    deb = netboot.blob_path(cache, nb.deb_sha256)
+    assert netboot.file_sha256(deb) == nb.deb_sha256
+    assert nb.kernel.read_bytes()[0x202:0x206] == b"HdrS"          # a bzImage
+    with gzip.open(nb.initrd) as f:
+        assert f.read(6) in (b"070701", b"070702")                 # a newc cpio archive
+
+
+def test_corrupted_cached_deb_is_detected_and_fetched_again(netboot_cache):
+    cache, nb = netboot_cache
+    deb = netboot.blob_path(cache, nb.deb_sha256)
+    with open(deb, "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    said: list[str] = []
+    again = netboot.fetch_netboot(HOST_MIRROR, "trixie", cache=cache, log=said.append)
+    assert any("does not match its sha256" in s for s in said)
+    assert netboot.file_sha256(deb) == nb.deb_sha256 == again.deb_sha256
+
+
+def test_corrupted_extracted_kernel_is_extracted_again(netboot_cache):
+    cache, nb = netboot_cache
+    good = netboot.file_sha256(nb.kernel)
+    nb.kernel.write_bytes(b"not a kernel")
+    again = netboot.fetch_netboot(HOST_MIRROR, "trixie", cache=cache, log=lambda _: None)
+    assert netboot.file_sha256(again.kernel) == good
+
+
+@needs_mirror
+def test_inrelease_signature_is_checked(tmp_path):
+    release = netboot.verified_release(HOST_MIRROR, "trixie")
+    assert release["Codename"] == "trixie" and "main/binary-all/Packages.xz" in release["SHA256"]
+    # a keyring without Debian's keys must refuse the same file
+    subprocess.run(["gpg", "--batch", "--quiet", "--no-default-keyring", "--homedir", str(tmp_path),
+                    "--keyring", str(tmp_path / "empty.gpg"), "--fingerprint"], capture_output=True)
+    empty = tmp_path / "empty.gpg"
+    if not empty.exists():
+        empty.write_bytes(b"")
+    with pytest.raises(netboot.NetbootVerifyError, match="signature not valid"):
+        netboot.verified_release(HOST_MIRROR, "trixie", keyring=empty)
+
+
+@needs_mirror
+def test_wrong_hash_is_refused_and_nothing_cached(tmp_path):
+    release = netboot.verified_release(HOST_MIRROR, "trixie")
+    sha, size = release["SHA256"]["main/binary-all/Packages.xz"]
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(netboot.NetbootVerifyError, match="sha256"):
+        netboot.fetch_verified(f"{HOST_MIRROR}/dists/trixie/main/binary-all/Packages.xz", wrong, size,
+                               tmp_path, log=lambda _: None)
+    assert not netboot.blob_path(tmp_path, wrong).exists()
+    assert not list((tmp_path / "downloads" / "sha256").glob(".*"))   # no temporary left
+
+
+def test_unknown_suite_is_refused():
+    with pytest.raises(preseed.BuildError, match="debian.suite is 'sid'"):
+        netboot.package_name("sid")
+
+
+# -- a real install under TCG ------------------------------------------------------------------------
+
+def _qemu_running(marker: str) -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in cmd and marker in cmd:
+                out.append(cmd)
+    return out
+
+
+@pytest.mark.vm
+@needs_mirror
+def test_preseed_install_runs_to_the_end_or_names_what_stopped_it(tmp_path):
+    """On a complete mirror the install finishes (late command reported, machine powered off,
+    a partitioned disk). On this CI machine the mirror lacks installer udebs: the build must
+    stop with InstallerDownloadFailed naming the missing .udeb URL. Any other outcome (an
+    unanswered question, a stall) fails the test. Bounded by the install deadline."""
+    site = make_site(tmp_path)
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 30)
+    said: list[str] = []
+    try:
+        preseed.install(site, render_tree(site, "debian"), disk, tmp_path / "work",
+                        progress=_Collect(said), deadline=60 * 60, stall_timeout=20 * 60)
+    except diconsole.InstallerDownloadFailed as e:
+        msg = str(e)
+        assert ".udeb (HTTP 404)" in msg, msg
+        assert "Download installer components" in msg
+    else:
+        assert "installer: finished, machine powered off" in said
+        assert disk.read_bytes()[510:512] == b"\x55\xaa"       # d-i wrote a partition table
+    assert any(s.startswith("installer: Checking the Debian archive mirror") for s in said)
+    assert not _qemu_running(str(disk))
+
+
+@pytest.mark.vm
+@needs_mirror
+def test_unanswered_question_stops_the_install_with_its_text(tmp_path):
+    """Leave one question open (the name servers, normally answered on the kernel command
+    line): the build stops at that question, quoting it, with no QEMU left behind."""
+    site = make_site(tmp_path)
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 30)
+    append = preseed.kernel_append(site, f"http://{preseed.FILES_ADDR}")
+    assert "netcfg/get_nameservers=127.0.0.1 " in append
+    with pytest.raises(diconsole.PreseedUnansweredQuestion) as e:
+        preseed.install(site, render_tree(site, "debian"), disk, tmp_path / "work",
+                        progress=_Collect([]), deadline=30 * 60, stall_timeout=15 * 60,
+                        append=append.replace("netcfg/get_nameservers=127.0.0.1 ", ""))
+    assert "Name server addresses" in str(e.value)
+    assert not _qemu_running(str(disk))
+
+
+class _Collect:
+    """A progress sink for install(): keeps the lines it is told."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
