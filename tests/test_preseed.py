@@ -406,3 +406,53 @@ class _Collect:
 
     def say(self, text: str) -> None:
         self.lines.append(text)
+
+
+# -- the late command inside a real trixie system --------------------------------------------------
+
+@pytest.mark.root
+def test_late_target_script_in_a_trixie_tree(tmp_path):
+    """late-target.sh run (chrooted) in the checkers' throwaway trixie layer, as d-i's in-target
+    would: accounts, overlay owners and modes, units enabled, no build-time apt sources, no
+    per-instance state, the installer's user gone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (overlay mount, chroot)")
+    from builder.checkers import run_script
+    from builder.render import Tree
+    site = make_site(tmp_path)
+    served = preseed.write_served_dir(site, render_tree(site, "debian"), tmp_path / "served", BASE_URL)
+    # units of packages the tools tree lacks (redis, networkd ...) are the real install's concern
+    (served / "units.txt").write_text("mkmailimage-firstboot.service\nssh.service\n")
+    files = " ".join(f"{n}" for n in ("overlay.tar", "owners.txt", "accounts.txt", "units.txt",
+                                       "instance-files.txt", "install-user.txt", "late-target.sh"))
+    script = f"""
+set -e
+for f in {files}; do cp {served}/$f "$ROOT/tmp/mkmailimage-$f"; done
+echo 'deb http://build-mirror.example.org/debian trixie main' > "$ROOT/etc/apt/sources.list"
+touch "$ROOT/etc/ssh/ssh_host_ed25519_key" "$ROOT/var/lib/apt/lists/build-mirror.example.org_debian_dists_trixie_InRelease"
+echo 0123456789abcdef0123456789abcdef > "$ROOT/etc/machine-id"
+chroot "$ROOT" useradd --create-home mkmailimage
+if ! chroot "$ROOT" sh /tmp/mkmailimage-late-target.sh; then cat "$ROOT/tmp/mkmailimage-late.log"; exit 1; fi
+cat "$ROOT/tmp/mkmailimage-late.log"
+echo "passwd: $(chroot "$ROOT" stat -c '%a %U %G' /etc/mail/passwd)"
+echo "vmail: $(chroot "$ROOT" getent passwd vmail | cut -d: -f6,7)"
+echo "mailauth: $(chroot "$ROOT" getent group _mailauth)"
+echo "firstboot: $(readlink "$ROOT/etc/systemd/system/multi-user.target.wants/mkmailimage-firstboot.service")"
+echo "installer-user: $(chroot "$ROOT" getent passwd mkmailimage || echo gone)"
+echo "sources.list: $(test -e "$ROOT/etc/apt/sources.list" && echo present || echo absent)"
+echo "lists: $(ls "$ROOT/var/lib/apt/lists" | grep -c build-mirror || true)"
+echo "hostkeys: $(ls "$ROOT"/etc/ssh/ssh_host_* 2>/dev/null | wc -l)"
+echo "machine-id: $(wc -c < "$ROOT/etc/machine-id")"
+grep -h '^URIs:' "$ROOT/etc/apt/sources.list.d/debian.sources" | sed 's/^/uris: /'
+"""
+    status, out = run_script(Tree(), "debian", script, timeout=600)
+    assert status == 0, out
+    assert "late-target: done" in out
+    assert "passwd: 640 root _mailauth" in out
+    assert "vmail: /var/vmail:/usr/sbin/nologin" in out
+    assert "opensmtpd" in next(l for l in out.splitlines() if l.startswith("mailauth:"))
+    assert "firstboot: /etc/systemd/system/mkmailimage-firstboot.service" in out
+    assert "installer-user: gone" in out
+    assert "sources.list: absent" in out and "lists: 0" in out
+    assert "hostkeys: 0" in out and "machine-id: 0" in out
+    assert "build-mirror.example.org" not in "".join(l for l in out.splitlines() if l.startswith("uris:"))
