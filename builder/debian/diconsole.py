@@ -133,20 +133,26 @@ def watch(console, *, report: Callable[[str], None] = print,
     `late_status()` is "ok", "failed:<step>" or None (late command not run yet)."""
     started = time.monotonic()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    screen = ""              # console text since the last prompt (the current question)
+    screen = ""              # the recent console text (holds the current question)
+    pending = ""             # console text of the line not yet complete
     progress = Progress(report)
-    patterns = [PROMPT_RE, PANIC_RE, pexpect.EOF, pexpect.TIMEOUT]
+    # a line end or a percentage also returns, so progress is reported as it happens
+    patterns = [PROMPT_RE, PANIC_RE, pexpect.EOF, pexpect.TIMEOUT, re.compile(r"\d%|\n")]
     while True:
         left = deadline - (time.monotonic() - started)
         if left <= 0:
             raise InstallerStalled(f"the installer did not finish within {deadline / 60:.0f} minutes",
                                    _tail(tail))
         i = console.expect(patterns, timeout=min(stall_timeout, left))
-        chunk = _text(console.before) + (_text(console.after) if i in (0, 1) else "")
-        cleaned = clean(chunk)
-        progress.feed(cleaned)
-        tail.extend(l for l in cleaned.split("\n") if l.strip())
+        chunk = _text(console.before) + (_text(console.after) if i in (0, 1, 4) else "")
         screen = (screen + chunk)[-20000:]
+        progress.feed(clean(chunk))
+        pending += chunk
+        if "\n" in pending or i != 4:
+            done, _, pending = pending.rpartition("\n") if i == 4 else (pending, "", "")
+            tail.extend(l for l in clean(done).split("\n") if l.strip())
+        if i == 4:
+            continue
         if i == 0:
             _question(screen, tail, failed_downloads, late_status)
         elif i == 1:
