@@ -202,6 +202,15 @@ def test_console_download_failure_names_the_url():
     assert url in msg
 
 
+def test_console_unanswered_question_is_quoted():
+    # recorded with the name server answer left off the kernel command line
+    with pytest.raises(diconsole.PreseedUnansweredQuestion) as e:
+        replay(DATA / "nameserver-question.serial.log")
+    msg = str(e.value)
+    assert "Configure the network" in msg and "Name server addresses:" in msg
+    assert "Prompt: '?'" not in e.value.words
+
+
 def test_console_reports_stages_with_percentages():
     lines = []
     with pytest.raises(diconsole.InstallerError):

@@ -22,7 +22,7 @@ import pexpect
 
 from ..errors import BuildError
 
-PROMPT_RE = re.compile(r"Prompt: '\?' for help(?:, default=[^>\r\n]*)?>|\[Press enter to continue\]")
+PROMPT_RE = re.compile(r"Prompt: '\?' for help[^>\r\n]*>|\[Press enter to continue\]")
 PANIC_RE = re.compile(r"Kernel panic - not syncing: [^\r\n]*")
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z]|[=>78DEHM])")
 # GNU screen's status line: "[   (1*installer)  2 shell  3 shell  4- log  ][ Nov 22  3:55 ]"
