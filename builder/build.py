@@ -80,9 +80,10 @@ def step_validate(st: BuildState) -> None:
     st.name = st.name or st.site.domain
     if "/" in st.name or st.name.startswith("."):
         raise BuildError(f"build: --name '{st.name}' must be a plain file name")
-    if st.locked:
+    if st.locked and st.lock is None:
         from .lock import read_lock
         st.lock = read_lock(st.site_path)
+    if st.lock is not None:
         st.epoch, st.seed = st.lock.epoch, st.lock.seed
     env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
     st.epoch = st.epoch if st.epoch is not None else int(env_epoch) if env_epoch else DEFAULT_EPOCH

@@ -159,9 +159,16 @@ def test_outputs_manifest_and_sums(debian_image):
     assert "sources.list/" not in debugfs("ls -p /etc/apt")
 
 
-def _boot(image: Path, tmp: Path, name: str, firmware: str = "bios"):
+def _boot(image: Path, tmp: Path, name: str, firmware: str = "bios", grow_to: str | None = None):
     from builder.qemu import Disk, Qemu, QemuSpec
-    spec = QemuSpec(disks=[Disk(image, snapshot=True)], firmware=firmware, memory=2048, name=name,
+    if grow_to:   # a bigger disk than the image, as a VPS provider gives: first boot grows root
+        overlay = tmp / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image),
+                        str(overlay), grow_to], check=True)
+        drive = Disk(overlay)
+    else:
+        drive = Disk(image, snapshot=True)
+    spec = QemuSpec(disks=[drive], firmware=firmware, memory=2048, name=name,
                     forwards={22: None, 25: None, 143: None, 465: None, 587: None, 993: None})
     return Qemu(spec, tmp, log_path=tmp / f"{name}.serial.log")
 
@@ -231,12 +238,36 @@ def test_two_instances_have_different_ssh_host_keys(booted, debian_image, tmp_pa
     from builder.machine import Machine
     vm, m = booted
     first = _host_key(m)
-    with _boot(debian_image.image, tmp_path, "debian-b") as vm2:
+    with _boot(debian_image.image, tmp_path, "debian-b", grow_to="6G") as vm2:
         m2 = Machine(vm2, key=debian_image.key, name="debian-b")
         m2.wait_for_ssh(timeout=600)
+        m2.wait_for_unit("mkmailimage-firstboot", timeout=300)
         second = _host_key(m2)
+        machine_ids = m.succeed("cat /etc/machine-id"), m2.succeed("cat /etc/machine-id")
+        certs = [x.succeed("openssl x509 -noout -fingerprint -sha256 -in /etc/ssl/mkmailimage/fullchain.pem")
+                 for x in (m, m2)]
+        root_bytes = int(m2.succeed("findmnt -bno SIZE /").strip())
         m2.close()
     assert first != second
+    assert machine_ids[0] != machine_ids[1]
+    assert certs[0] != certs[1]
+    assert root_bytes > 5 * 2**30, f"root was not grown to the 6G disk: {root_bytes} bytes"
+
+
+@pytest.mark.vm
+def test_site_only_change_reuses_the_cached_base_layer(debian_image, tmp_path):
+    """A different site (other domain, users) builds on the very layer the fixture's build used."""
+    from builder.build import BuildState, run_build
+    from fixtures_build import make_test_site
+    from builder.machine import ssh_keypair
+    _, public = ssh_keypair(tmp_path / "ssh")
+    site = make_test_site(tmp_path, public, domain="other.test")
+    first = json.loads(Path(debian_image.outputs["manifest"]).read_text())["inputs"]["base_layer"]
+    st = run_build(BuildState(site_path=site, out_dir=tmp_path / "images", progress=Progress()),
+                   skip=("layer overlay", "assemble disk", "export"))
+    assert st.base_reused
+    assert st.base_tar.name == first["file"]
+    assert cache.sha256_file(st.base_tar) == first["sha256"]
 
 
 @pytest.mark.vm
