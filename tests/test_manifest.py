@@ -204,3 +204,48 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     bad.write_text('{"format": \n')
     with pytest.raises(BuildError, match=r"bad.json:2:1: not a valid manifest"):
         mf.load(bad)
+
+
+@pytest.mark.vm
+def test_guest_manifest_lists_a_booted_guests_files_over_ssh(tiny_guest, tmp_path, ssh_key):
+    """The path for file systems the host cannot read (OpenBSD FFS): the guest's own tar over SSH.
+    Checked on the tiny busybox guest against files made in it, and against an image manifest."""
+    from builder.machine import Machine
+    from builder.qemu import Qemu, QemuSpec
+    from tinyguest import append
+    key, public = ssh_key
+    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd, append=append(authorized_key=public),
+                    memory=256, smp=1, forwards={22: None}, name="manifest")
+    with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
+        m.wait_for_ssh(timeout=180)
+        m.succeed("mkdir -p /srv/t/sub && cd /srv/t && printf 'hello\\n' > a && chmod 4751 a && ln a hard "
+                  "&& ln -s sub/../a link && printf '%s' '" + KEY.decode() + "' > sub/host.pem "
+                  "&& chown 5000:5000 sub && touch -d '2020-01-02 03:04:05' a")
+        g = mf.guest_manifest(m, ["/srv/t"])
+    files = by_path(g)
+    assert set(files) == {"/srv/t", "/srv/t/a", "/srv/t/hard", "/srv/t/link", "/srv/t/sub", "/srv/t/sub/host.pem"}
+    a = files["/srv/t/a"]
+    assert (a["type"], a["mode"], a["size"], a["uid"]) == ("file", "4751", 6, 0)
+    assert a["sha256"] == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"   # "hello\n"
+    assert a["mtime"] == 1577934245
+    assert files["/srv/t/hard"]["sha256"] == a["sha256"]      # busybox tar stores hard links in full
+    assert files["/srv/t/link"]["target"] == "sub/../a"
+    assert (files["/srv/t/sub"]["uid"], files["/srv/t/sub"]["gid"]) == (5000, 5000)
+    assert g["secrets"]["private_keys"] == [{"kind": "tls", "path": "/srv/t/sub/host.pem"}]
+    # the same tree as an ext4 image: diff compares only what tar records, so nothing differs
+    tree = tmp_path / "tree" / "srv" / "t"
+    (tree / "sub").mkdir(parents=True)
+    (tmp_path / "tree/etc").mkdir()
+    (tmp_path / "tree/etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")   # owners get names
+    (tmp_path / "tree/etc/group").write_text("root:x:0:\n")
+    (tree / "a").write_text("hello\n")
+    (tree / "a").chmod(0o4751)
+    os.link(tree / "a", tree / "hard")
+    (tree / "link").symlink_to("sub/../a")
+    (tree / "sub/host.pem").write_bytes(KEY)
+    os.chown(tree / "sub", 5000, 5000) if os.geteuid() == 0 else pytest.skip("chown needs root")
+    for p in [*tree.rglob("*"), tree]:
+        os.utime(p, (files["/" + str(p.relative_to(tmp_path / "tree"))]["mtime"],) * 2, follow_symlinks=False)
+    image = mf.make_manifest(mkext4(tmp_path / "t.raw", tmp_path / "tree"))
+    image["files"] = [e for e in image["files"] if e["path"].startswith("/srv/t")]
+    assert mf.diff(image, g) == [], "\n".join(mf.diff(image, g))
