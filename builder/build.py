@@ -16,6 +16,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,9 @@ def cmd_build(args) -> int:
         lock = read_lock(Path(args.site))
         d = load_site(Path(args.site)).model.debian
         check_mirror(lock, build_mirror(d.mirror), d.suite)
+        from .lock import builder_note
+        if builder_note(lock):
+            print(builder_note(lock), file=sys.stderr)
     progress = Progress(verbose=getattr(args, "verbose", False))
     st = BuildState(site_path=Path(args.site), out_dir=Path(args.out or paths.IMAGES),
                     name=args.name, keep_raw=args.raw, no_cache=args.no_cache,

@@ -142,6 +142,9 @@ def make_lock(site, site_path: Path, *, installed, include: list[str], epoch: in
         "format": FORMAT,
         "site": {"file": Path(site_path).name, "domain": site.domain},
         "made_from": source,
+        # the builder (its overlay templates, its recipe) is an input too: same image only from
+        # the same builder; build --locked says so when it differs
+        "builder": _builder_id(),
         "epoch": epoch,
         "seeds": {"seed": seed, **{k: v for k, v in seeds.__dict__.items()}},
         "debian": {
@@ -156,6 +159,20 @@ def make_lock(site, site_path: Path, *, installed, include: list[str], epoch: in
         "openbsd": _openbsd(site),
     }
     return data
+
+
+def _builder_id() -> dict:
+    from .build import BUILDER_VERSION, _git_commit
+    return {"version": BUILDER_VERSION, "git": _git_commit()}
+
+
+def builder_note(lock: Lock) -> str | None:
+    """A warning when the lock was made by another builder version or commit."""
+    was, now = lock.data.get("builder") or {}, _builder_id()
+    if was and (was.get("version"), was.get("git")) != (now["version"], now["git"]):
+        return (f"note: {lock.path.name} was made with mkmailimage {was.get('version')} ({was.get('git')}), "
+                f"this is {now['version']} ({now['git']}): the image can differ where the builder changed")
+    return None
 
 
 def _netboot(index, suite: str) -> dict:
