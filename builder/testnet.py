@@ -115,7 +115,7 @@ def configure_guest(machine, peer: PeerSpec, other: PeerSpec, zone_config: str) 
     # rspamd may have cached failed lookups made before the test zones existed
     machine.succeed("systemctl restart rspamd")
     for unit in SERVICES:
-        machine.wait_for_unit(unit, timeout=120)
+        machine.wait_for_unit(unit, timeout=600)
 
 
 @dataclass
@@ -192,9 +192,9 @@ class TestNetwork:
             peer.vm.__enter__()
             self._stack.append(peer.vm)
         for peer in self.peers:
-            peer.machine = Machine(peer.vm, key_path=self.ssh_key, name=peer.spec.domain)
+            peer.machine = Machine(peer.vm, key=self.ssh_key, name=peer.spec.domain)
         for peer, other in ((self.a, self.b), (self.b, self.a)):
-            peer.machine.wait_for_ssh(timeout=300)
+            peer.machine.wait_for_ssh(timeout=900)  # TCG on a loaded 2-core CI machine
             configure_guest(peer.machine, peer.spec, other.spec, zone_config)
 
     def mail_logs(self, peer: Peer) -> str:
