@@ -249,3 +249,18 @@ def test_guest_manifest_lists_a_booted_guests_files_over_ssh(tiny_guest, tmp_pat
     image = mf.make_manifest(mkext4(tmp_path / "t.raw", tmp_path / "tree"))
     image["files"] = [e for e in image["files"] if e["path"].startswith("/srv/t")]
     assert mf.diff(image, g) == [], "\n".join(mf.diff(image, g))
+
+
+def test_unexplained_differences_of_installer_builds(tmp_path):
+    """OpenBSD/preseed builds differ in documented places only; anything else is reported."""
+    tree = make_tree(tmp_path / "tree")
+    (tree / "etc/random.seed").write_bytes(b"1")
+    a = mf.make_manifest(mkext4(tmp_path / "a.raw", tree))
+    (tree / "etc/random.seed").write_bytes(b"2")               # documented: differs per install
+    (tree / "etc/ssh/ssh_host_ed25519_key").write_bytes(KEY)   # documented: made at first boot
+    b_same = mf.make_manifest(mkext4(tmp_path / "b.raw", tree, UUID_B))
+    assert mf.unexplained(a, b_same, "openbsd") == []          # ids, timestamps and documented files only
+    (tree / "etc/hostname").write_text("elsewhere\n")          # not documented: must be reported
+    b = mf.make_manifest(mkext4(tmp_path / "c.raw", tree, UUID_B))
+    assert [l.split()[:2] for l in mf.unexplained(a, b, "openbsd")] == [["~", "/etc/hostname"]]
+    assert [l.split()[1] for l in mf.unexplained(a, b, "preseed")] == ["/etc/hostname", "/etc/random.seed"]
