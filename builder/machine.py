@@ -17,9 +17,11 @@
 
 SSH goes through the user-net host forward of guest port 22 (`ssh_port` overrides), with
 paramiko and a key (`key=` or `key_path=`: a path or a paramiko.PKey). `run(cmd, timeout,
-stdin=bytes)` is the primitive under all commands: (status, stdout bytes, stderr bytes). Copies stream a tar archive over an SSH exec
-channel (`tar` exists on Debian, OpenBSD and busybox; no SFTP server needed). Every wait
-polls with a deadline; nothing sleeps a fixed time.
+stdin=bytes)` is the primitive under all commands: (status, stdout bytes, stderr bytes);
+status -1 means the command was killed by a signal. Copies stream a tar archive over an SSH
+exec channel (`tar` exists on Debian, OpenBSD and busybox; no SFTP server needed). Every
+wait polls with a deadline; nothing sleeps a fixed time. When QEMU exits under a command or
+a wait, MachineError says so and shows the serial console's last lines.
 """
 from __future__ import annotations
 

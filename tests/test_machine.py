@@ -21,7 +21,7 @@ def machine(tiny_guest, tmp_path_factory):
                     append=append(authorized_key=public), memory=256, smp=1,
                     forwards={22: None}, name="m")
     with Qemu(spec, tmp) as vm, Machine(vm, key=key) as m:
-        m.wait_for_ssh(timeout=180)
+        m.wait_for_ssh(timeout=300)
         yield m
 
 
@@ -122,8 +122,8 @@ def test_shutdown_powers_off(tiny_guest, tmp_path, ssh_key):
                     append=append(authorized_key=public), memory=256, smp=1,
                     forwards={22: None}, name="s")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
-        m.wait_for_ssh(timeout=180)
-        assert m.shutdown(timeout=60) is True
+        m.wait_for_ssh(timeout=300)
+        assert m.shutdown(timeout=180) is True
         assert vm.proc.returncode == 0
         with pytest.raises(MachineError, match="QEMU exited"):
             m.wait_for_ssh(timeout=10)
@@ -135,7 +135,7 @@ def test_guest_dying_mid_command_is_reported(tiny_guest, tmp_path, ssh_key):
                     append=append(authorized_key=public), memory=256, smp=1,
                     forwards={22: None}, name="d")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
-        m.wait_for_ssh(timeout=180)
+        m.wait_for_ssh(timeout=300)
         m.succeed("(sleep 1; poweroff -f) >/dev/null 2>&1 &")
         with pytest.raises(MachineError, match="QEMU exited while running 'sleep 60'"):
             m.run("sleep 60", timeout=120)

@@ -30,14 +30,14 @@ def guest_spec(guest, name="vm", **kw) -> QemuSpec:
                     memory=256, smp=1, name=name, **kw)
 
 
-def console(vm, cmd: str, expect: str, timeout: float = 30) -> str:
+def console(vm, cmd: str, expect: str, timeout: float = 120) -> str:
     """Run `cmd` on the guest's console shell; `expect` must not occur in `cmd` itself."""
     vm.serial.sendline(cmd)
     vm.serial.expect(expect, timeout=timeout)
     return vm.serial.before
 
 
-def wait_gone(pid: int, timeout: float = 20) -> bool:
+def wait_gone(pid: int, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not Path(f"/proc/{pid}").exists() or "Z" in _state(pid):
@@ -95,7 +95,7 @@ def test_detect_accel_decision_matches_probe(monkeypatch, tmp_path):
 def test_boot_console_log_qmp_and_clean_powerdown(tiny_guest, tmp_path, capfd):
     log = tmp_path / "logs" / "serial.log"
     with Qemu(guest_spec(tiny_guest), tmp_path, log_path=log, verbose=True) as vm:
-        vm.serial.expect(READY, timeout=120)
+        vm.serial.expect(READY, timeout=300)
         assert vm.qmp_status() == "running"
         vm.qmp("stop")
         assert vm.qmp_status() == "paused"
@@ -105,7 +105,7 @@ def test_boot_console_log_qmp_and_clean_powerdown(tiny_guest, tmp_path, capfd):
         console(vm, "echo answer=$((6 * 7))", "answer=42")
         rundir = vm.rundir
         assert (rundir / "qmp.sock").exists()
-        assert vm.powerdown(timeout=60) is True
+        assert vm.powerdown(timeout=180) is True
         assert vm.proc.returncode == 0
         vm.serial.expect(pexpect.EOF, timeout=30)   # the console ends with QEMU
     assert not rundir.exists()
@@ -119,7 +119,7 @@ def test_powerdown_falls_back_to_quit_when_guest_ignores_button(tiny_guest, tmp_
     spec = guest_spec(tiny_guest)
     spec.append += " rdinit=/bin/sh"   # a bare shell as init: nobody listens to the button
     with Qemu(spec, tmp_path) as vm:
-        vm.serial.expect(PROMPT, timeout=120)
+        vm.serial.expect(PROMPT, timeout=300)
         assert vm.powerdown(timeout=5) is False
         assert not vm.alive()
 
@@ -128,7 +128,7 @@ def test_powerdown_falls_back_to_quit_when_guest_ignores_button(tiny_guest, tmp_
 def test_hostfwd_reaches_guest_service(tiny_guest, tmp_path):
     spec = guest_spec(tiny_guest, http_port=8080, forwards={8080: None})
     with Qemu(spec, tmp_path) as vm:
-        vm.serial.expect("TINYGUEST-HTTPD", timeout=120)
+        vm.serial.expect("TINYGUEST-HTTPD", timeout=300)
         port = vm.host_port(8080)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30).read()
         assert body == b"TINYGUEST-HTTP\n"
@@ -145,7 +145,7 @@ def test_restrict_on_guest_cannot_reach_host(tiny_guest, tmp_path):
         port = srv.getsockname()[1]
         srv.settimeout(0)
         with Qemu(guest_spec(tiny_guest, http_port=80), tmp_path) as vm:
-            vm.serial.expect(READY, timeout=120)
+            vm.serial.expect(READY, timeout=300)
             # control: nc works, the guest reaches its own service
             console(vm, "nc -w 5 10.0.2.15 80 </dev/null; echo rc=$?", r"rc=\d+")
             assert vm.serial.after == "rc=0"
@@ -161,7 +161,7 @@ def test_snapshot_disk_untouched_and_blank_disk_attached(tiny_guest, tmp_path):
     disk.write_bytes(b"ORIGINAL" * 131072)  # 1 MiB
     spec = guest_spec(tiny_guest, disks=[Disk(disk, snapshot=True)], blank_disks=["16M"])
     with Qemu(spec, tmp_path) as vm:
-        vm.serial.expect(READY, timeout=120)
+        vm.serial.expect(READY, timeout=300)
         console(vm, "echo vdb-sectors=$(cat /sys/block/vdb/size)", "vdb-sectors=32768")
         console(vm, "printf CHANGED_ | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null;"
                     " echo wrote=$(head -c 8 /dev/vda | tr A-Z a-z)", "wrote=changed_")
@@ -175,7 +175,7 @@ def test_snapshot_disk_untouched_and_blank_disk_attached(tiny_guest, tmp_path):
 def test_uefi_boot_with_private_vars(tiny_guest, tmp_path):
     spec = guest_spec(tiny_guest, firmware="uefi")
     with Qemu(spec, tmp_path) as vm:
-        vm.serial.expect(READY, timeout=240)
+        vm.serial.expect(READY, timeout=300)
         assert (vm.rundir / "OVMF_VARS.fd").exists()
         console(vm, "echo efi=$(ls /sys/firmware/efi >/dev/null 2>&1 && echo yes || echo no)",
                 r"efi=(yes|no)")
@@ -187,12 +187,12 @@ def test_expect_errors_name_pattern_and_show_console(tiny_guest, tmp_path):
     spec = guest_spec(tiny_guest, name="errs")
     spec.append += " rdinit=/bin/sh"
     with Qemu(spec, tmp_path) as vm:
-        vm.expect(PROMPT, timeout=120)
+        vm.expect(PROMPT, timeout=300)
         with pytest.raises(QemuError, match=r"(?s)'never-printed'.*within 2 s.*/ # "):
             vm.expect("never-printed", timeout=2)
         vm.serial.sendline("/bin/busybox poweroff -f")   # immediate power-off
         with pytest.raises(QemuError, match="QEMU exited .*before 'never-printed'"):
-            vm.expect("never-printed", timeout=60)
+            vm.expect("never-printed", timeout=180)
 
 
 # ------------------------------------------------------------------ two guests
@@ -219,9 +219,9 @@ def test_private_link_between_two_guests(tiny_guest, tmp_path, kind):
     spec_b = guest_spec(tiny_guest, "b", nics=[nic_b], nets={mac_b: "192.0.2.2/24"}, http_port=80)
     # a first: for "stream" it is the listening side
     with Qemu(spec_a, tmp_path / "a") as a, Qemu(spec_b, tmp_path / "b") as b:
-        b.expect("TINYGUEST-HTTPD", timeout=120)
-        a.expect(READY, timeout=120)
-        console(a, "wget -O - http://192.0.2.2/ | tr A-Z a-z", "tinyguest-http", timeout=60)
+        b.expect("TINYGUEST-HTTPD", timeout=300)
+        a.expect(READY, timeout=300)
+        console(a, "wget -O - http://192.0.2.2/ | tr A-Z a-z", "tinyguest-http", timeout=180)
         assert "eth1 52:54:00:00:02:01 192.0.2.1/24" in a.serial_log()
 
 
@@ -263,7 +263,7 @@ from builder.qemu import Qemu, QemuSpec
 spec = QemuSpec(kernel=sys.argv[1], initrd=sys.argv[2], append="console=ttyS0 quiet",
                 memory=256, smp=1, forwards={22: None})
 with Qemu(spec, sys.argv[3]) as vm:
-    vm.serial.expect("TINYGUEST-READY", timeout=120)
+    vm.serial.expect("TINYGUEST-READY", timeout=300)
     print(json.dumps({"pid": vm.pid, "rundir": str(vm.rundir)}), flush=True)
     while True:
         time.sleep(1)
@@ -283,7 +283,7 @@ def test_signal_to_builder_leaves_no_qemu(tiny_guest, tmp_path, sig):
         info = json.loads(line)
         assert Path(f"/proc/{info['pid']}").exists()
         child.send_signal(sig)
-        assert child.wait(60) == -sig   # the handlers pass the signal on
+        assert child.wait(120) == -sig   # the handlers pass the signal on
         assert wait_gone(info["pid"]), "QEMU survived its parent"
         if sig != signal.SIGKILL:       # SIGKILL gives no chance to delete files
             assert not Path(info["rundir"]).exists()
