@@ -134,7 +134,7 @@ def resolve(installed: list[tuple[str, str, str]], index) -> dict[str, dict]:
 
 def make_lock(site, site_path: Path, *, installed, include: list[str], epoch: int, seed: str, mirror: str,
               source: str) -> dict:
-    from .debian import disk, netboot
+    from .debian import disk
     suite = site.model.debian.suite
     release, index = signed_index(mirror, suite)
     seeds = disk.Seeds.from_string(seed)
@@ -265,7 +265,7 @@ def installed_from_image(image: Path) -> tuple[list, dict]:
         for part in parts:
             if diskread.probe(raw, part).get("TYPE") in ("ext4", "ext3", "ext2"):
                 r = Ext4Reader(raw, part.start)
-                text = r._sections(["cat /var/lib/dpkg/status"]).get("cat /var/lib/dpkg/status")
+                text = r.sections(["cat /var/lib/dpkg/status"]).get("cat /var/lib/dpkg/status")
                 if text:
                     return dpkg_installed("\n".join(text) + "\n"), build_manifest
     raise LockError(f"lock --from-image: {image} has no ext4 file system with /var/lib/dpkg/status")

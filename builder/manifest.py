@@ -9,7 +9,10 @@ FFS inside its disklabel) are listed with their hash only: docs/reproducibility.
 their files are listed from the booted guest instead."""
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -109,7 +112,6 @@ def _read_ext4(reader: Ext4Reader) -> list[dict]:
 def _region_hashes(raw: Path, parts) -> dict:
     """One pass over the raw bytes: the whole image, the MBR boot code, the gap before the first
     partition (GPT headers or GRUB's core.img) and each partition."""
-    import hashlib
     size = raw.stat().st_size
     first = min((p.start for p in parts if p.number), default=512)   # no table: no gap
     regions = {"boot_code": (0, min(440, size)), "gap": (512, max(first, 512))}
@@ -147,8 +149,8 @@ def _merge(filesystems) -> tuple[list[dict], dict]:
         mounts = _fstab_mounts(heads.get("/etc/fstab", b""))
     files = []
     seen = set()
-    for info, probe, entries in sorted(filesystems, key=lambda fs: not fs_is(root, fs[0])):
-        if fs_is(root, info):
+    for info, probe, entries in sorted(filesystems, key=lambda fs: not _is_root(root, fs[0])):
+        if _is_root(root, info):
             mount = "/"
         else:
             mount = (mounts.get(("UUID", probe.get("UUID", "").lower()))
@@ -191,7 +193,7 @@ def guest_manifest(machine, roots: list[str] | None = None) -> dict:
             "recorded": RECORDED, "disk": {}, "files": files, "secrets": secrets_of(files)}
 
 
-def fs_is(root, info) -> bool:
+def _is_root(root, info) -> bool:
     return root is not None and root[0] is info
 
 
@@ -222,7 +224,6 @@ def _fstab_mounts(data: bytes) -> dict[tuple[str, str], str]:
 
 def _is_key_path(path: str) -> bool:
     """Private keys in a non-PEM format (rspamd's ed25519 DKIM keys, OpenSSH's) found by place."""
-    import fnmatch
     return any(fnmatch.fnmatch(path, pat) for pat in ("/etc/ssh/ssh_host_*_key", "*/dkim/*.key",
                                                       "/etc/ssl/private/*"))
 
@@ -366,7 +367,6 @@ def _flatten(prefix: str, value) -> dict[str, object]:
 
 
 def _natural(key: str):
-    import re
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
@@ -415,7 +415,6 @@ def unexplained(a: dict, b: dict, installer: str) -> list[str]:
     """The file and metadata differences between two builds by `installer` ("openbsd",
     "preseed") that EXPECTED_DIFFERENCES does not explain: empty when the builds agree
     everywhere else."""
-    import fnmatch
     patterns = EXPECTED_DIFFERENCES[installer]
     out, section = [], None
     for line in diff(a, b):

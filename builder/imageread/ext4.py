@@ -50,7 +50,7 @@ class Ext4Reader:
         if rc != 0 or errors:
             raise BuildError(f"debugfs on {self.spec}: " + ("; ".join(errors[:5]) or f"exit {rc}"))
 
-    def _sections(self, commands: list[str]) -> dict[str, list[str]]:
+    def sections(self, commands: list[str]) -> dict[str, list[str]]:
         """Run commands, return each command's output lines (text commands only)."""
         proc = self._batch(commands)
         sections: dict[str, list[str]] = {}
@@ -65,7 +65,7 @@ class Ext4Reader:
         return sections
 
     def superblock(self) -> dict[str, str]:
-        out = self._sections(["stats -h"])["stats -h"]
+        out = self.sections(["stats -h"])["stats -h"]
         facts = {}
         for line in out:
             key, sep, value = line.partition(":")
@@ -80,7 +80,7 @@ class Ext4Reader:
         root_seen = False
         while level:
             cmds = [f"ls -p <{ino}>" for _, ino in level]
-            sections = self._sections(cmds)
+            sections = self.sections(cmds)
             nxt = []
             for (dirpath, ino), cmd in zip(level, cmds):
                 for line in sections.get(cmd, []):
@@ -103,7 +103,7 @@ class Ext4Reader:
     def stat(self, inodes: list[int]) -> dict[int, dict]:
         """Per inode: times, nlink, xattrs, device number, fast symlink target."""
         cmds = [f"stat <{i}>" for i in inodes]
-        sections = self._sections(cmds)
+        sections = self.sections(cmds)
         facts = {}
         for ino, cmd in zip(inodes, cmds):
             facts[ino] = _parse_stat(sections.get(cmd, []))
