@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from builder.errors import BuildError
 import pexpect
 
 from builder.qemu import Disk, Nic, Qemu, QemuError, QemuSpec, dgram_pair, free_port
-from tinyguest import USER_MAC, append
+from tinyguest import append
 
 READY = "TINYGUEST-READY"
 PROMPT = "/ # "
