@@ -10,12 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from builder import accel
 from builder.errors import BuildError
-import pexpect
-
 from builder.qemu import Disk, Nic, Qemu, QemuError, QemuSpec, dgram_pair, free_port
 from tinyguest import append
 
