@@ -251,6 +251,11 @@ def dumps(manifest: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def _is_manifest_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
 def load(path: Path) -> dict:
     """A manifest from a manifest file (JSON) or made from an image."""
     path = Path(path)
@@ -439,6 +444,14 @@ def cmd_manifest(args) -> int:
 def cmd_diff(args) -> int:
     a, b = load(args.a), load(args.b)
     lines = diff(a, b)
+    shown = {l.rstrip(":") for l in lines if not l.startswith(" ")}
+    if a["image"].get("raw_sha256") != b["image"].get("raw_sha256") and not shown & {"files", "metadata", "timestamps"} \
+            and not _is_manifest_file(args.a) and not _is_manifest_file(args.b):
+        # no recorded field explains the difference: find the bytes and say what holds them
+        from .imageread.bytediff import explain
+        with diskread.raw_view(args.a) as ra, diskread.raw_view(args.b) as rb:
+            found = explain(ra, rb, a["disk"].get("partitions", []))
+        lines = lines[:-1] + ["bytes:"] + ["  " + l for l in found] + lines[-1:]
     if not lines:
         print(f"no differences: {len(a['files'])} files, metadata and disk layout agree")
         return 0

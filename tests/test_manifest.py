@@ -264,3 +264,19 @@ def test_unexplained_differences_of_installer_builds(tmp_path):
     b = mf.make_manifest(mkext4(tmp_path / "c.raw", tree, UUID_B))
     assert [l.split()[:2] for l in mf.unexplained(a, b, "openbsd")] == [["~", "/etc/hostname"]]
     assert [l.split()[1] for l in mf.unexplained(a, b, "preseed")] == ["/etc/hostname", "/etc/random.seed"]
+
+
+def test_diff_locates_bytes_no_manifest_field_shows(tmp_path, capsys):
+    """An inode's generation number is in no manifest field: diff finds the block and names it."""
+    tree = make_tree(tmp_path / "tree")
+    a = mkext4(tmp_path / "a.raw", tree)
+    b = tmp_path / "b.raw"
+    shutil.copyfile(a, b)
+    debugfs_w(b, "sif /etc/hostname generation 7")
+    rc, out = run_cli(capsys, "diff", str(a), str(b))
+    assert rc == 1
+    lines = out.splitlines()
+    assert "files:" not in lines and "metadata:" not in lines and "bytes:" in lines
+    located = lines[lines.index("bytes:") + 1]
+    assert "partition 0: ext4 blocks" in located and "inode table of group 0" in located
+    assert "/etc/hostname" in located
