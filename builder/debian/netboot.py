@@ -169,6 +169,7 @@ def fetch_verified(url: str, sha256: str, size: int, cache: Path,
         if n != size or h.hexdigest() != sha256:
             raise NetbootVerifyError(f"{url}: got {n} bytes with sha256 {h.hexdigest()}, "
                                      f"the signed index says {size} bytes with sha256 {sha256}")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
