@@ -363,8 +363,12 @@ def cmd_build(args) -> int:
                 outputs = publish(workdir, out_dir, name, raw, manifest, progress,
                                   keep_raw=getattr(args, "raw", False),
                                   serial_log=workdir / "installer-serial.log")
-        except KeyboardInterrupt:
-            raise Interrupted("build interrupted; no image was written") from None
+        except BaseException as e:
+            _keep_serial_log(workdir / "installer-serial.log", out_dir / f"{name}.installer-serial.log",
+                             progress)
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted("build interrupted; no image was written") from None
+            raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     sums = json.loads(outputs["manifest"].read_text())["outputs"]
@@ -373,3 +377,10 @@ def cmd_build(args) -> int:
             p = outputs[kind]
             print(f"{p}  {p.stat().st_size / 2**20:.0f} MiB  sha256 {sums[p.name]}")
     return 0
+
+
+def _keep_serial_log(log: Path, kept: Path, progress) -> None:
+    """A failed install leaves no image, but its console log stays beside where it would be."""
+    if log.exists():
+        shutil.copyfile(log, kept)
+        progress.say(f"installer: serial console log kept at {kept}")
