@@ -255,7 +255,7 @@ def installed_from_image(image: Path) -> tuple[list, dict]:
     from .imageread import disk as diskread
     from .imageread.ext4 import Ext4Reader
     image = Path(image)
-    manifest_file = image.with_name(image.name.split(".")[0] + ".manifest.json")
+    manifest_file = image.with_name(image.name.rsplit(".", 1)[0] + ".manifest.json")   # NAME.qcow2 -> NAME.manifest.json
     if not manifest_file.exists():
         raise LockError(f"lock --from-image: {manifest_file} (the build manifest beside the image) is "
                         "missing; it records the epoch and seed the image was built with")
