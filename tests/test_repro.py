@@ -157,3 +157,34 @@ def test_two_locked_builds_are_bit_identical(tmp_path):
     m = json.loads(cli("manifest", raw[0]).stdout)
     assert not m["secrets"]["ssh_host_keys"] and not m["secrets"]["tls_private_key"], m["secrets"]
     assert m["secrets"]["dkim_private_key"], m["secrets"]
+
+
+def test_lock_records_openbsd_sets_from_a_signed_release(tmp_path, monkeypatch):
+    """A release signed in the test with real signify keys (as in test_openbsd_sets)."""
+    import hashlib
+    import yaml
+    from builder.openbsd import sets
+    from builder.site import load_site
+    from test_openbsd_sets import SETS, keypair, sign_dir
+    monkeypatch.setenv("MKMAILIMAGE_CACHE", str(tmp_path / "cache"))
+    pub, sec = keypair(tmp_path / "keys", "openbsd-78-base")
+    d = tmp_path / "OpenBSD" / "7.8" / "amd64"
+    d.mkdir(parents=True)
+    for n in SETS:
+        (d / n).write_bytes(f"{n}\n".encode() * 50)
+    sign_dir(d, sec, SETS)
+    f = init_site("a.test", tmp_path / "site", password="correct horse battery")
+    site = load_site(f)
+    assert lk._openbsd(site) == {"locked": False, "version": "7.8",
+                                 "reason": "no openbsd.mirror or openbsd.sets_dir in the site file"}
+    data = yaml.safe_load(f.read_text())
+    data["openbsd"] = {"version": "7.8", "sets_dir": str(d), "signify_key": str(pub)}
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    ob = lk._openbsd(load_site(f))
+    assert ob["locked"] is True, ob
+    assert ob["sha256_sig"] == hashlib.sha256((d / "SHA256.sig").read_bytes()).hexdigest()
+    assert ob["sets"] == {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in sets.set_names("7.8")}
+    (d / "base78.tgz").write_bytes(b"tampered")             # the signature still lists the old hash
+    (d / "SHA256.sig").write_bytes((d / "SHA256.sig").read_bytes().replace(b"base78.tgz", b"base78.tgX"))
+    ob = lk._openbsd(load_site(f))
+    assert ob["locked"] is False and "SHA256.sig" in ob["reason"], ob
