@@ -26,7 +26,10 @@ PROMPT_RE = re.compile(r"Prompt: '\?' for help[^>\r\n]*>|\[Press enter to contin
 PANIC_RE = re.compile(r"Kernel panic - not syncing: [^\r\n]*")
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][0-9A-Za-z]|[=>78DEHM])")
 # GNU screen's status line: "[   (1*installer)  2 shell  3 shell  4- log  ][ Nov 22  3:55 ]"
-SCREEN_STATUS_RE = re.compile(r"\[[^\[\]\n]*\(\d\*[^)\n]*\)[^\[\]\n]*\]\[[^\[\]\n]*\]")
+SCREEN_STATUS_RE = re.compile(r"\[[^\[\]\n]*\([-\d]\*[^)\n]*\)[^\[\]\n]*\]\[[^\[\]\n]*\]")
+KERNEL_LINE_RE = re.compile(r"^\[\s*\d+\.\d+\] ")
+KERNEL_TROUBLE_RE = re.compile(r"panic|Oops|BUG|RIP:|Call Trace|segfault|I/O error")
+SCREENRC_NOISE = "/etc/screenrc:"
 PROGRESS_RE = re.compile(r"^(?P<title>\S[^\r\n]*?)\s+\.\.\.(?:\s*\d+%\.\.\.)*\s*(?P<pct>\d+)%\s*$")
 DOWNLOAD_WORDS = ("failed to download", "downloading a file failed", "failed to load installer component",
                   "retrieving", "bad archive mirror", "failed to retrieve", "could not be retrieved",
@@ -150,7 +153,7 @@ def watch(console, *, report: Callable[[str], None] = print,
         pending += chunk
         if "\n" in pending or i != 4:
             done, _, pending = pending.rpartition("\n") if i == 4 else (pending, "", "")
-            tail.extend(l for l in clean(done).split("\n") if l.strip())
+            tail.extend(l for l in clean(done).split("\n") if _worth_showing(l, progress))
         if i == 4:
             continue
         if i == 0:
@@ -189,6 +192,14 @@ def _question(screen, tail, failed_downloads, late_status) -> None:
                                       f"{question}\nfailed downloads:\n{urls}", _tail(tail))
     raise PreseedUnansweredQuestion(f"the preseed does not answer this installer question:\n{question}",
                                     _tail(tail))
+
+
+def _worth_showing(line: str, progress: Progress) -> bool:
+    """Lines for the error's console tail: the installer's own words; of the kernel's, only
+    those about a crash (its boot messages would push the installer's out of the tail)."""
+    if not line.strip() or line.startswith(SCREENRC_NOISE):
+        return False
+    return not KERNEL_LINE_RE.match(line) or bool(KERNEL_TROUBLE_RE.search(line))
 
 
 def _text(x) -> str:
