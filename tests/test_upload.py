@@ -200,7 +200,10 @@ def _sha256_raw(image: Path, work: Path) -> tuple[str, int]:
 @pytest.fixture(scope="module")
 def mail_image(request, tmp_path_factory):
     """(image, private key) of a built Debian mail image whose root accepts the key: the shared
-    image fixture when the suite has one, else a build of a test site here."""
+    image fixture when the suite has one, else MKMAILIMAGE_TEST_IMAGE + MKMAILIMAGE_TEST_KEY
+    (an image built earlier), else a build of a test site here."""
+    if os.environ.get("MKMAILIMAGE_TEST_IMAGE") and os.environ.get("MKMAILIMAGE_TEST_KEY"):
+        return Path(os.environ["MKMAILIMAGE_TEST_IMAGE"]), Path(os.environ["MKMAILIMAGE_TEST_KEY"])
     for name in ("debian_image", "testnet_images"):
         try:
             value = request.getfixturevalue(name)
@@ -219,7 +222,8 @@ def mail_image(request, tmp_path_factory):
               out=open(os.devnull, "w"))
     site = d / "a.test" / "site.yaml"
     text = site.read_text().replace("admin_ssh_keys: []", f"admin_ssh_keys:\n  - {public}")
-    site.write_text(text)
+    # a 2 GiB disk halves what the TCG guests write and read back; the system fits easily
+    site.write_text(text.replace("  disk_size: 4G\n", "  disk_size: 2G\n", 1))
     st = run_build(BuildState(site_path=site, out_dir=d / "images", name="rescue-test"))
     return Path(st.outputs["qcow2"]), key
 
@@ -280,7 +284,7 @@ def test_vm_refuses_the_rescue_root_disk(rescue, tmp_path):
     assert r.returncode == 6, r.stderr
     assert "/dev/vda holds the rescue system's root filesystem" in r.stderr
     assert "nothing was written" in r.stderr
-    rescue.m.succeed("test -x /usr/sbin/opensmtpd && sync")   # the rescue system is intact
+    rescue.m.succeed("test -s /etc/os-release && sync")   # the rescue system is intact
 
 
 @pytest.mark.vm
@@ -345,11 +349,14 @@ def test_vm_dropped_connection_is_an_error(rescue, tmp_path):
     proc = _start_and_wait_for_dd(rescue, tmp_path)
     # The upload's own sshd session process (dd's grandparent) dies: its TCP connection drops,
     # as when a provider's network or the rescue system goes away.
-    rescue.m.succeed("kill -KILL $(ps -o ppid= -p $(ps -o ppid= -p $(pgrep -xo dd)))")
+    # dd's parent is the shell, its grandparent the session's sshd, whose parent the monitor:
+    # both sshd processes hold the TCP connection, so killing both closes it.
+    rescue.m.succeed("sh=$(ps -o ppid= -p $(pgrep -xo dd)); s1=$(ps -o ppid= -p $sh); "
+                     "s2=$(ps -o ppid= -p $s1); kill -KILL $s1 $s2")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 6, err
     assert "NOT done" in err, err
-    assert "connection lost" in err or "cut short" in err, err
+    assert any(why in err for why in ("connection lost", "connection stalled", "cut short")), err
     assert "done:" not in out
 
 
@@ -363,7 +370,7 @@ def test_vm_upload_verifies_and_the_disk_boots(rescue, tmp_path):
     assert f"sha256 {rescue.sha256} verified" in r.stdout
     assert "MB/s" in r.stderr and "(100%)" in r.stderr          # the progress line
     # independent of the tool's own claim: the guest reads the disk back itself
-    got = rescue.m.succeed(f"head -c {rescue.size} /dev/vdb | sha256sum").split()[0]
+    got = rescue.m.succeed(f"head -c {rescue.size} /dev/vdb | sha256sum", timeout=3600).split()[0]
     assert got == rescue.sha256
     rescue.m.close()
     rescue.vm.close()                                            # release target.qcow2
