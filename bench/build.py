@@ -49,19 +49,22 @@ def main() -> int:
 
     cold, st = timed_build(site, out, "cold", no_cache=True)
     site.write_text(site.read_text().replace("aliases:\n", "aliases:\n  sales: admin\n", 1))
-    warm, st2 = timed_build(site, out, "warm", keep_raw=True, boot_check=not args.no_boot)
+    warm, st2 = timed_build(site, out, "warm", keep_raw=True)
     manifest = json.loads(st2.outputs["manifest"].read_text())
+    boot = None
+    if not args.no_boot:   # measured apart from the build, on the published raw image
+        from builder.debian.bootcheck import boot_check
+        boot = boot_check(st2.outputs["raw"], work / "boot.serial.log", Progress())
 
     raw = st2.outputs["raw"]
     rows = [
         ("cold build (--no-cache)", f"{cold:.1f} s", "target <= 240 s"),
         ("  stages", json.dumps(st.progress.timings), ""),
-        ("warm rebuild after a site change", f"{warm:.1f} s", "target <= 30 s"),
+        ("warm rebuild after a site change (+ --raw)", f"{warm:.1f} s", "target <= 30 s"),
         ("  stages", json.dumps(st2.progress.timings), ""),
         ("  base layer reused", str(st2.base_reused), ""),
     ]
-    if not args.no_boot:
-        boot = manifest["boot_check"]
+    if boot:
         rows.append(("boot to all mail ports ready", f"{boot['all_ready_seconds']:.1f} s "
                      f"({boot['accel']}, per port {boot['ready_seconds']})", "target <= 60 s"))
     rows += [
@@ -71,6 +74,7 @@ def main() -> int:
         ("installed tree", f"{manifest['inputs'].get('tree_bytes', 0) / 2**20:.0f} MiB", ""),
         ("base layer tarball", f"{st2.base_tar.stat().st_size / 2**20:.0f} MiB", ""),
     ]
+    rows.append(("host load average (1/5/15 min)", " ".join(f"{x:.1f}" for x in os.getloadavg()), ""))
     width = max(len(r[0]) for r in rows)
     for name, value, target in rows:
         print(f"{name:<{width}}  {value}  {target}".rstrip())
