@@ -464,3 +464,27 @@ grep -h '^URIs:' "$ROOT/etc/apt/sources.list.d/debian.sources" | sed 's/^/uris: 
     assert "sources.list: absent" in out and "lists: 0" in out
     assert "hostkeys: 0" in out and "machine-id: 0" in out
     assert "build-mirror.example.org" not in "".join(l for l in out.splitlines() if l.startswith("uris:"))
+
+
+@pytest.mark.vm
+@needs_mirror
+def test_build_command_with_preseed_site_publishes_only_a_complete_image(tmp_path):
+    """`mkmailimage build debian SITE` for a site with `debian.installer: preseed`: on this
+    machine it must fail with the named download error, leave no image and no work directory
+    (only the installer's serial log) and no QEMU; on a complete mirror it publishes the image."""
+    import sys
+    site = make_site(tmp_path, installer="preseed")
+    out = tmp_path / "images"
+    proc = subprocess.run([sys.executable, "-m", "builder.cli", "build", "debian", str(site.path),
+                           "--out", str(out)], capture_output=True, text=True, timeout=4 * 3600,
+                          cwd=preseed.paths.ROOT)
+    left = sorted(p.name for p in out.iterdir())
+    if proc.returncode == 0:
+        assert "a.test.qcow2" in left and "SHA256SUMS" in left, proc.stdout
+    else:
+        assert proc.returncode == 3, proc.stderr
+        assert ".udeb (HTTP 404)" in proc.stderr and "Download installer components" in proc.stderr
+        assert "installer: Checking the Debian archive mirror 100%" in proc.stderr
+        assert left == ["a.test.installer-serial.log"], left
+        assert (out / "a.test.installer-serial.log").stat().st_size > 1000   # the console, kept
+    assert not _qemu_running(str(out))
