@@ -23,7 +23,9 @@ FORMATS = ("qcow2", "raw", "raw.gz", "raw.zst", "raw.xz", "vmdk", "vhdx")
 # qemu-img output format and creation options per export format. streamOptimized is the VMDK
 # flavour importers (OVF/OVA, cloud image services) expect: compressed grains, one file.
 _QEMU_IMG = {
-    "qcow2": ["-O", "qcow2", "-c"],
+    # -m 1: with parallel writers compressed clusters land in timing order; one writer makes
+    # the same input give the same file
+    "qcow2": ["-O", "qcow2", "-c", "-m", "1"],
     "raw": ["-O", "raw"],
     "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
     "vhdx": ["-O", "vhdx", "-o", "subformat=dynamic"],

@@ -83,7 +83,9 @@ def test_format_details_importers_need(small_images, tmp_path):
     _, first = export_image(small_images["qcow2"], "raw.gz", tmp_path / "a.raw.gz")
     _, second = export_image(small_images["raw"], "raw.gz", tmp_path / "b.raw.gz")
     assert first == second
-    qcow2, _ = export_image(small_images["raw"], "qcow2", tmp_path / "m.qcow2")
+    qcow2, once = export_image(small_images["raw"], "qcow2", tmp_path / "m.qcow2")
+    _, again = export_image(small_images["qcow2"], "qcow2", tmp_path / "n.qcow2")
+    assert once == again
     assert json.loads(run("qemu-img", "info", "--output=json", qcow2).stdout)["format"] == "qcow2"
 
 
