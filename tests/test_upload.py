@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -219,34 +217,14 @@ def _sha256_raw(image: Path, work: Path) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module")
-def mail_image(request, tmp_path_factory):
-    """(image, private key) of a built Debian mail image whose root accepts the key: the shared
-    image fixture when the suite has one, else MKMAILIMAGE_TEST_IMAGE + MKMAILIMAGE_TEST_KEY
-    (an image built earlier), else a build of a test site here."""
+def mail_image(request):
+    """(image, private key) of a built Debian mail image whose root accepts the key:
+    MKMAILIMAGE_TEST_IMAGE + MKMAILIMAGE_TEST_KEY (an image built earlier) when set, else the
+    suite's shared `debian_image` build (tests/fixtures_build.py)."""
     if os.environ.get("MKMAILIMAGE_TEST_IMAGE") and os.environ.get("MKMAILIMAGE_TEST_KEY"):
         return Path(os.environ["MKMAILIMAGE_TEST_IMAGE"]), Path(os.environ["MKMAILIMAGE_TEST_KEY"])
-    for name in ("debian_image", "testnet_images"):
-        try:
-            value = request.getfixturevalue(name)
-        except pytest.FixtureLookupError:
-            continue
-        if name == "testnet_images":
-            sites, images, key = value
-            return Path(images[0]), Path(key)
-        return Path(value[0]), Path(value[1])
-    from builder.build import BuildState, run_build
-    from builder.initsite import init_site
-    from builder.machine import ssh_keypair
-    d = tmp_path_factory.mktemp("build")
-    key, public = ssh_keypair(d / "ssh")
-    init_site("a.test", d / "a.test", user="alice", password="alice's test password",
-              out=open(os.devnull, "w"))
-    site = d / "a.test" / "site.yaml"
-    text = site.read_text().replace("admin_ssh_keys: []", f"admin_ssh_keys:\n  - {public}")
-    # a 2 GiB disk halves what the TCG guests write and read back; the system fits easily
-    site.write_text(text.replace("  disk_size: 4G\n", "  disk_size: 2G\n", 1))
-    st = run_build(BuildState(site_path=site, out_dir=d / "images", name="rescue-test"))
-    return Path(st.outputs["qcow2"]), key
+    built = request.getfixturevalue("debian_image")
+    return Path(built.image), Path(built.key)
 
 
 class Rescue:
