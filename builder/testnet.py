@@ -112,10 +112,11 @@ def configure_guest(machine, peer: PeerSpec, other: PeerSpec, zone_config: str) 
     machine.wait_until_succeeds(f"ip -4 addr show dev {iface} | grep -q 'inet {peer.address}/'", timeout=60)
     machine.succeed("unbound-checkconf && systemctl restart unbound")
     machine.wait_until_succeeds(f"getent hosts mail.{other.domain} | grep -q {other.address}", timeout=60)
-    # rspamd may have cached failed lookups made before the test zones existed
-    machine.succeed("systemctl restart rspamd")
     for unit in SERVICES:
         machine.wait_for_unit(unit, timeout=600)
+    # rspamd reports "started" long before its scanner listens: under TCG it spends minutes
+    # compiling the public-suffix list, and filter-rspamd answers 421 until the scanner is up.
+    machine.wait_for_open_port(11333, timeout=1200)
 
 
 @dataclass
