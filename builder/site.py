@@ -37,6 +37,19 @@ def _domain(value: str) -> str:
     return v
 
 
+def _mirror_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^(https?|file)://\S+$", v):
+        raise ValueError(f"'{v}' is not an http(s):// or file:// URL")
+    return v.rstrip("/") if v else v
+
+
+def _disk_size(v: str, smallest: int) -> str:
+    m = SIZE_RE.match(v)
+    if not m or m.group(2) != "G" or not smallest <= int(m.group(1)) <= 2048:
+        raise ValueError(f"'{v}' must be a size in G between {smallest}G and 2048G")
+    return v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -107,17 +120,12 @@ class Debian(Strict):
     @field_validator("mirror", "security_mirror")
     @classmethod
     def _mirror(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(https?|file)://\S+$", v):
-            raise ValueError(f"'{v}' is not an http(s):// or file:// URL")
-        return v.rstrip("/") if v else v
+        return _mirror_url(v)
 
     @field_validator("disk_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        m = SIZE_RE.match(v)
-        if not m or m.group(2) != "G" or not 2 <= int(m.group(1)) <= 2048:
-            raise ValueError(f"'{v}' must be a size in G between 2G and 2048G")
-        return v
+        return _disk_size(v, 2)
 
 
 class OpenBSD(Strict):
@@ -137,17 +145,12 @@ class OpenBSD(Strict):
     @field_validator("mirror")
     @classmethod
     def _mirror(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(https?|file)://\S+$", v):
-            raise ValueError(f"'{v}' is not an http(s):// or file:// URL")
-        return v.rstrip("/") if v else v
+        return _mirror_url(v)
 
     @field_validator("disk_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        m = SIZE_RE.match(v)
-        if not m or m.group(2) != "G" or not 4 <= int(m.group(1)) <= 2048:
-            raise ValueError(f"'{v}' must be a size in G between 4G and 2048G")
-        return v
+        return _disk_size(v, 4)
 
 
 class SiteModel(Strict):
