@@ -175,6 +175,7 @@ class TestNetwork:
         from .qemu import Disk, Qemu, QemuSpec, dgram_pair
         from .testdns import LocalDns
 
+        self.workdir.mkdir(parents=True, exist_ok=True)
         all_zones = zones([p.site for p in self.peers])
         self.dns = LocalDns(all_zones).__enter__()
         self._stack.append(self.dns)
