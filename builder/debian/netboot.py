@@ -23,6 +23,7 @@ from typing import Callable
 
 from .. import paths
 from ..errors import BuildError, ToolMissing
+from ..cache import sha256_file as file_sha256
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Debian release number of each suite the installer package exists for.
@@ -176,13 +177,6 @@ def fetch_verified(url: str, sha256: str, size: int, cache: Path,
             os.unlink(tmp)
     return dest
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _open(url: str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BuildError, ToolMissing
+from ..cache import sha256_file
 
 SECTOR = 512
 
@@ -102,10 +103,3 @@ def sha256_range(raw: Path, start: int, length: int) -> str:
             left -= len(chunk)
     return h.hexdigest()
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import BuildError, ToolMissing
+from ..cache import sha256_file
 
 ARCH = "amd64"
 SIGNIFY = "signify-openbsd"
@@ -142,13 +143,6 @@ def blobs_dir() -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(location: str, is_dir: bool, name: str) -> tuple[Path, str]:
