@@ -94,11 +94,10 @@ OPENBSD_UNCHECKED = {
     "/etc/rc.conf.local": "rc.d(8) variables, read only by OpenBSD's rc",
     "/etc/myname": "plain host name, no checker",
     "/etc/rc.local": "ksh commands run by OpenBSD's rc (sievec of the global sieve script)",
-    "/etc/mail/passwd": "read by table-passwd only when smtpd runs; `smtpd -n` does not start tables "
-                        "(its format is checked by tests/test_render.py and the Debian mail-flow test)",
+    "/etc/mail/passwd": "read by Dovecot's passwd-file only at login; `doveconf -n` does not open it "
+                        "(logins against it: the OpenBSD Dovecot 2.3 test in tests/test_checkers.py)",
     "/etc/mail/smtpd.conf": "checked with trixie's OpenSMTPD 7.6 portable, not OpenBSD's base smtpd; "
-                            "`smtpd -n` never looks at the filter-rspamd path (on either OS), and "
-                            "the passwd table backend is found in the portable's libexec",
+                            "`smtpd -n` never looks at the filter-rspamd path (on either OS)",
     "/etc/dovecot/dovecot.conf": "checked with Debian 12's Dovecot 2.3.19, not the OpenBSD package's 2.3.21",
     "/etc/ssh/sshd_config": "checked with trixie's OpenSSH 10.0p1 (portable), not OpenBSD's",
     "/var/unbound/etc/unbound.conf": "checked with trixie's unbound 1.22, not OpenBSD's base unbound",

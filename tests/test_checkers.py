@@ -64,6 +64,7 @@ def test_openbsd_configs_pass_the_linux_checkers_and_the_rest_is_listed(openbsd)
     # Every rendered OpenBSD file, as data: which checker reads it, or why none does.
     checked = {
         "/etc/mail/smtpd.conf": "smtpd", "/etc/mail/virtuals": "smtpd", "/etc/mail/aliases": "smtpd",
+        "/etc/mail/credentials": "smtpd",      # file tables are parsed with the config
         "/etc/dovecot/dovecot.conf": "doveconf-2.3", "/etc/dovecot/sieve/spam-to-junk.sieve": "sievec-2.3",
         "/var/unbound/etc/unbound.conf": "unbound-checkconf", "/etc/ssh/sshd_config": "sshd",
     }
@@ -123,6 +124,18 @@ def test_broken_openbsd_smtpd_conf_fails_smtpd(openbsd):
     broken = _broken(openbsd, "/etc/mail/smtpd.conf", lambda s: s.replace("tls-require", "tls-requir"))
     (result,) = run_checks(broken, "openbsd", only=["smtpd"])
     assert not result.ok and "smtpd.conf" in result.output
+
+
+def test_openbsd_smtpd_conf_reads_the_credentials_file(openbsd):
+    # `smtpd -n` parses file tables with the config: a credentials line without a hash turns the
+    # mapping into a mix of list and mapping entries, which smtpd refuses
+    broken = _broken(openbsd, "/etc/mail/credentials", lambda s: s + "lonely@a.test\n")
+    (result,) = run_checks(broken, "openbsd", only=["smtpd"])
+    assert not result.ok and "credentials" in result.output
+    missing = type(openbsd)(openbsd)
+    del missing["/etc/mail/credentials"]
+    (result,) = run_checks(missing, "openbsd", only=["smtpd"])
+    assert not result.ok and "credentials" in result.output
 
 
 def test_rspamd_sees_loopback_only_as_local_and_signs_with_the_rendered_keys(debian, site):
@@ -425,3 +438,65 @@ chroot $ROOT dovecot -c /etc/dovecot/dovecot.conf || echo "START FAILED: dovecot
     assert result["boxes"] == {"INBOX": ["Subject: ham"], "Junk": ["Subject: spam"]}
     errors = [l for l in syslog.splitlines() if re.search(r"dovecot.*(Error|Fatal)", l)]
     assert not errors, "\n".join(errors)
+
+
+SUBMISSION_CLIENT = r'''
+import json, smtplib, socket, ssl, sys, time
+user, password, domain = sys.argv[1:4]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for _ in range(150):
+    try:
+        socket.create_connection(("127.0.0.1", 587), 1).close(); break
+    except OSError:
+        time.sleep(0.2)
+result = {}
+def rcpts(s):
+    s.mail(user)
+    out = {r: s.rcpt(r)[0] for r in (user, f"postmaster@{domain}", f"nosuchuser@{domain}")}
+    s.rset()
+    return out
+with smtplib.SMTP("127.0.0.1", 587, timeout=60) as s:
+    s.starttls(context=ctx)
+    result["587_login"] = s.login(user, password)[0]
+    result["587_rcpt"] = rcpts(s)
+with smtplib.SMTP_SSL("127.0.0.1", 465, context=ctx, timeout=60) as s:
+    result["465_login"] = s.login(user, password)[0]
+for port in (587, 465):
+    try:
+        if port == 587:
+            s = smtplib.SMTP("127.0.0.1", 587, timeout=60); s.starttls(context=ctx)
+        else:
+            s = smtplib.SMTP_SSL("127.0.0.1", 465, context=ctx, timeout=60)
+        s.login(user, "wrong password"); result[f"{port}_bad"] = "accepted"
+    except smtplib.SMTPAuthenticationError as e:
+        result[f"{port}_bad"] = e.smtp_code
+print("RESULT " + json.dumps(result))
+'''
+
+
+def test_openbsd_smtpd_conf_authenticates_against_the_credentials_file(openbsd, site, tmp_path):
+    """Run OpenSMTPD (trixie's portable 7.6, the checker's build: OpenBSD's base smtpd cannot run
+    here) on the rendered OpenBSD smtpd.conf: AUTH on 587 and 465 uses the built-in file table
+    /etc/mail/credentials (no table-passwd package), and the virtual table accepts mailboxes and
+    aliases and refuses unknown users. The filter path is OpenBSD's; here it points at the
+    tools tree's filter-rspamd (not consulted before DATA, so no rspamd is needed)."""
+    from builder.checkers import run_script
+    (tmp_path / "client.py").write_text(SUBMISSION_CLIENT)
+    filter_path = OS_FACTS["openbsd"]["filter_rspamd"]
+    script = f"""
+ip link set lo up
+mkdir -p $ROOT{os.path.dirname(filter_path)}
+ln -s /usr/libexec/opensmtpd/filter-rspamd $ROOT{filter_path}
+chroot $ROOT smtpd -f /etc/mail/smtpd.conf || echo "START FAILED: smtpd"
+{sys.executable} {tmp_path}/client.py {site.mailboxes[0]} {PASSWORD!r} {site.domain}
+"""
+    status, output = run_script(openbsd, "openbsd", script, timeout=300)
+    assert "START FAILED" not in output, output
+    line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+    assert line, output
+    result = json.loads(line[len("RESULT "):])
+    assert result["587_login"] == 235 and result["465_login"] == 235
+    assert result["587_bad"] == 535 and result["465_bad"] == 535
+    rcpt = result["587_rcpt"]
+    assert rcpt[site.mailboxes[0]] == 250 and rcpt[f"postmaster@{site.domain}"] == 250
+    assert 500 <= rcpt[f"nosuchuser@{site.domain}"] < 600

@@ -90,7 +90,8 @@ def test_install_site_installs_packages_in_order_and_fixes_owners(site, tree):
     assert adds == [f"{PLAN.base_url}/{f}" for f in PLAN.files]
     assert "chown -h root:_mailauth /etc/mail/passwd" in script
     assert "useradd -g vmail -d /var/vmail -s /sbin/nologin" in script
-    assert "usermod -G _mailauth _smtpd" in script
+    assert "chown -h root:_smtpd /etc/mail/credentials" in script
+    assert "usermod" not in script      # no memberships needed: smtpd reads credentials as _smtpd
     for key in KEYS:
         assert key in script
     # the finished system points at the site's mirror, never at the build's server

@@ -92,7 +92,10 @@ def test_delivery_and_tables(rendered, site):
     facts = OS_FACTS[os_name]
     conf = text(tree, SMTPD_CONF[os_name])
     assert f'action "local" lmtp "{facts["lmtp_socket"]}" rcpt-to virtual <virtuals>' in conf
-    assert f"table passwd passwd:{facts['mail_dir']}/passwd" in conf
+    # OpenBSD: smtpd's built-in file table (its packages have no table-passwd); Debian: table-passwd
+    auth_table = {"debian": f"passwd:{facts['mail_dir']}/passwd",
+                  "openbsd": f"file:{facts['mail_dir']}/credentials"}[os_name]
+    assert f"table passwd {auth_table}\n" in conf
     assert f"table virtuals file:{facts['mail_dir']}/virtuals" in conf
     assert f'filter "rspamd" proc-exec "{facts["filter_rspamd"]} ' in conf
     assert f"smtp max-message-size {site.max_message_bytes}\n" in conf
@@ -123,6 +126,16 @@ def test_passwd_file_is_one_format_for_smtpd_and_dovecot(rendered, site):
         assert fields[0] == site.address(user.name)
         assert fields[1] == user.password_hash
         assert fields[2:] == [""] * 6
+
+
+def test_openbsd_smtpd_credentials_hold_the_same_users_and_hashes(site):
+    # table(5) credentials for smtpd's file backend: "user@domain hash", whitespace-separated;
+    # a bcrypt hash has no ':' (which would split it into username:password)
+    tree = render_tree(site, "openbsd")
+    lines = [l for l in text(tree, "/etc/mail/credentials").splitlines() if l and not l.startswith("#")]
+    assert [l.split() for l in lines] == [[site.address(u.name), u.password_hash] for u in site.users]
+    assert not [u for u in site.users if ":" in u.password_hash]
+    assert "/etc/mail/credentials" not in render_tree(site, "debian")
 
 
 def test_virtuals_map_every_address_to_mailboxes_or_vmail(rendered, site):
@@ -279,6 +292,10 @@ def test_secret_files_modes_and_owners(rendered, site):
     facts = OS_FACTS[os_name]
     passwd = tree[f"{facts['mail_dir']}/passwd"]
     assert (passwd.mode, passwd.owner, passwd.group) == (0o640, "root", facts["mail_auth_group"])
+    if os_name == "openbsd":
+        # smtpd's lookup process keeps only its primary group (setgroups(1, &pw_gid) in lka.c)
+        creds = tree[f"{facts['mail_dir']}/credentials"]
+        assert (creds.mode, creds.owner, creds.group) == (0o640, "root", "_smtpd")
     assert tree[f"{facts['mail_dir']}/relay-secrets"].mode == 0o600
     for e in tree.values():
         if not e.is_dir and e.mode & 0o004:
@@ -293,8 +310,10 @@ def test_accounts_cover_the_groups_configs_rely_on(rendered):
     accounts = yaml.safe_load((paths.OVERLAYS / os_name / "accounts.yaml").read_text())
     groups = {g["name"]: g.get("members", []) for g in accounts["groups"]}
     users = {u["name"]: u for u in accounts["users"]}
-    smtpd_user = {"debian": "opensmtpd", "openbsd": "_smtpd"}[os_name]
-    assert smtpd_user in groups[facts["mail_auth_group"]]
+    if os_name == "debian":     # table-passwd reads the shared passwd file
+        assert "opensmtpd" in groups[facts["mail_auth_group"]]
+    else:                       # smtpd reads its own credentials file (group _smtpd), not passwd
+        assert "_smtpd" not in groups[facts["mail_auth_group"]]
     assert f"extra_groups = {facts['mail_auth_group']}" in text(tree, DOVECOT)
     assert users[facts["vmail_user"]]["home"] == facts["vmail_home"]
 
