@@ -136,6 +136,32 @@ def _as_text(x) -> str:
     return x if isinstance(x, str) else ""
 
 
+class _Watch:
+    """console.expect with a stall timeout (no output for that long) and an overall deadline;
+    everything the console printed goes into `tail`. Shared by the install and first-boot loops."""
+
+    def __init__(self, console, patterns: list, stall_timeout: float, deadline: float, during: str):
+        self.console, self.patterns = console, patterns
+        self.stall_timeout, self.deadline, self.during = stall_timeout, deadline, during
+        self.end = time.monotonic() + deadline
+        self.tail = _Tail()
+
+    def expect(self) -> int:
+        """Index of the pattern that matched; raises InstallerStalled past the deadline. The
+        caller handles pexpect.EOF/TIMEOUT itself (see `stalled`)."""
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise InstallerStalled(f"{self.during} did not finish within {self.deadline:g} s", self.tail.text())
+        self.timeout = min(self.stall_timeout, remaining)
+        i = self.console.expect(self.patterns, timeout=self.timeout)
+        ended = self.patterns[i] in (pexpect.EOF, pexpect.TIMEOUT)
+        self.tail.feed(_as_text(self.console.before) + ("" if ended else _as_text(self.console.after)))
+        return i
+
+    def stalled(self) -> InstallerStalled:
+        return InstallerStalled(f"no output for {self.timeout:g} s during {self.during}", self.tail.text())
+
+
 def drive_install(console, response_url: str, *, boot_commands: tuple[str, ...] = ("boot",),
                   stall_timeout: float = 900, deadline: float = 4 * 3600) -> InstallResult:
     """Run an OpenBSD autoinstall to the end. Returns on `CONGRATULATIONS!`; raises an
@@ -148,26 +174,21 @@ def drive_install(console, response_url: str, *, boot_commands: tuple[str, ...] 
     i_boot = i_cause0 + len(CAUSES)
     i_menu, i_response, i_eof, i_timeout, i_line = range(i_boot + 1, i_boot + 6)
 
-    tail = _Tail()
+    watch = _Watch(console, patterns, stall_timeout, deadline, "the install")
+    tail = watch.tail
     result = InstallResult()
     cause: InstallerError | None = None
     ftp_error = ""
     boots = menus = 0
-    end = time.monotonic() + deadline
 
     def answer(prompt: str, text: str) -> None:
         console.sendline(text)
         result.answered.append((prompt, text))
 
     while True:
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            raise InstallerStalled(f"no end of the install within {deadline:g} s", tail.text())
-        i = console.expect(patterns, timeout=min(stall_timeout, remaining))
-        seen = _as_text(console.before) + (_as_text(console.after) if i not in (i_eof, i_timeout) else "")
-        tail.feed(seen)
+        i = watch.expect()
         if i == i_line:
-            m = P_FTP_ERROR.search(seen)
+            m = P_FTP_ERROR.search(_as_text(console.before) + _as_text(console.after))
             if m:
                 ftp_error = m.group(0)
             continue
@@ -210,7 +231,7 @@ def drive_install(console, response_url: str, *, boot_commands: tuple[str, ...] 
         elif i == i_timeout:
             if cause is not None:
                 raise type(cause)(cause.words, tail.text())
-            raise InstallerStalled(f"no output for {min(stall_timeout, remaining):g} s", tail.text())
+            raise watch.stalled()
 
 
 def wait_first_boot(console, done_marker: str, *, stall_timeout: float = 900,
@@ -218,24 +239,18 @@ def wait_first_boot(console, done_marker: str, *, stall_timeout: float = 900,
     """Follow the installed system's first boot until firstboot.sh prints `done_marker`.
     Its FAIL lines (a daemon's config check) become an InstallFailed naming the check."""
     failed: list[str] = []
-    tail = _Tail()
-    end = time.monotonic() + deadline
     patterns = [re.escape(done_marker), r"mkmailimage-firstboot: FAIL [^\r\n]*",
                 r"mkmailimage-firstboot: failed", pexpect.EOF, pexpect.TIMEOUT, P_LINE]
+    watch = _Watch(console, patterns, stall_timeout, deadline, "the first boot")
     while True:
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            raise InstallerStalled(f"first boot did not finish within {deadline:g} s", tail.text())
-        i = console.expect(patterns, timeout=min(stall_timeout, remaining))
-        tail.feed(_as_text(console.before) + (_as_text(console.after) if i not in (3, 4) else ""))
+        i = watch.expect()
         if i == 0:
-            return tail.text()
+            return watch.tail.text()
         if i == 1:
             failed.append(_as_text(console.after).split("FAIL", 1)[1].strip())
         elif i == 2:
-            raise InstallFailed("first boot checks failed: " + "; ".join(failed), tail.text())
+            raise InstallFailed("first boot checks failed: " + "; ".join(failed), watch.tail.text())
         elif i == 3:
-            raise InstallerExited("the VM stopped during its first boot", tail.text())
+            raise InstallerExited("the VM stopped during its first boot", watch.tail.text())
         elif i == 4:
-            raise InstallerStalled(f"no output for {min(stall_timeout, remaining):g} s during the first boot",
-                                   tail.text())
+            raise watch.stalled()
