@@ -15,7 +15,6 @@ Each build is run through the CLI in its own process, as a user would.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from builder.cache import sha256_file  # noqa: E402
 from builder.initsite import init_site  # noqa: E402
 
 
@@ -36,14 +36,6 @@ def cli(*argv) -> float:
     if p.returncode != 0:
         sys.exit(f"mkmailimage {' '.join(map(str, argv))} failed:\n{p.stdout}\n{p.stderr}")
     return time.monotonic() - t0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> int:
@@ -66,7 +58,7 @@ def main() -> int:
     figures.append(("manifest of the raw image", cli("manifest", raws[1])))
     for what, seconds in figures:
         print(f"{what:40s} {seconds:7.1f} s")
-    a, b = (sha256(r) for r in raws)
+    a, b = (sha256_file(r) for r in raws)
     print(f"{'raw images bit-identical':40s} {'yes' if a == b else 'NO'} ({a[:16]} / {b[:16]})")
     if not args.keep:
         import shutil

@@ -6,7 +6,6 @@ is complete, so an interrupted export leaves nothing a user could mistake for a 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import sha256_file
 from .errors import MkMailImageError, ToolMissing
 
 FORMATS = ("qcow2", "raw", "raw.gz", "raw.zst", "raw.xz", "vmdk", "vhdx")
@@ -94,11 +94,6 @@ def default_output(image: Path, fmt: str) -> Path:
             name = name[: -len(suffix)]
             break
     return image.with_name(f"{name}.{fmt}")
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextlib.contextmanager
