@@ -13,7 +13,9 @@ import atexit
 import ctypes
 import os
 import signal
+import subprocess
 import threading
+import time
 
 _lock = threading.RLock()
 _tracked: list = []
@@ -94,3 +96,27 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (zombies included) is still in process group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a child started with `child_preexec` and everything it started in its process
+    group (e.g. mmdebstrap's apt and dpkg): SIGTERM to the group, SIGKILL to whatever is still
+    there after `grace` seconds. Reaps the child."""
+    kill_group(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    # the group's id stays reserved while the group has members, so polling it is safe
+    while time.monotonic() < end and (proc.poll() is None or group_alive(proc.pid)):
+        time.sleep(0.05)
+    kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from . import procs
 from .errors import BuildError
 
 
@@ -44,14 +45,18 @@ class Progress:
         self.say(f"{name}: done in {took:.1f}s")
 
     def run(self, cmd: list[str], *, env: dict | None = None, input: bytes | None = None,
-            what: str | None = None, cwd=None) -> str:
-        """Run a tool; stream its output with -v, keep the last lines for the error message."""
+            what: str | None = None, cwd=None, grace: float = 10.0) -> str:
+        """Run a tool; stream its output with -v, keep the last lines for the error message.
+        The tool runs in its own process group; on Ctrl-C, SIGTERM or any error while it runs,
+        the whole group gets SIGTERM and, `grace` seconds later, SIGKILL: helpers it started
+        (mmdebstrap's apt, dpkg, ...) do not outlive the build."""
         what = what or f"{self.stage_name or 'build'}: {os.path.basename(cmd[0])}"
         full_env = {**os.environ, **(env or {})}
         tail: collections.deque[str] = collections.deque(maxlen=40)
         lines: list[str] = []
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                preexec_fn=procs.child_preexec)
         try:
             if input is not None:
                 proc.stdin.write(input)
@@ -64,9 +69,8 @@ class Progress:
                     print(f"    {line}", file=self.out, flush=True)
             rc = proc.wait()
         except BaseException:
-            # Ctrl-C or SIGTERM: the tool must not outlive the build
-            proc.kill()
-            proc.wait()
+            # Ctrl-C or SIGTERM: neither the tool nor its children may outlive the build
+            procs.stop_group(proc, grace)
             raise
         if rc != 0:
             raise BuildError(f"{what} failed (exit status {rc}): {' '.join(cmd[:6])}"
