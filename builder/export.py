@@ -113,8 +113,8 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _run(cmd: list[str], what: str, stdin=None, stdout=subprocess.DEVNULL) -> None:
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate()
     finally:
@@ -150,13 +150,7 @@ def _compress(src: Path, dest: Path, fmt: str) -> None:
     cmd, package = _COMPRESS[fmt]
     need_tool(cmd[0], package)
     with open(src, "rb") as inp, open(dest, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=inp, stdout=out, stderr=subprocess.PIPE, text=True)
-        try:
-            _, err = proc.communicate()
-        finally:
-            _stop(proc)
-    if proc.returncode != 0:
-        raise ExportError(f"{cmd[0]} failed: {err.strip()}")
+        _run(cmd, cmd[0], stdin=inp, stdout=out)
 
 
 def export_image(image: Path, fmt: str, out: Path | None = None) -> tuple[Path, str]:

@@ -12,24 +12,15 @@ from pathlib import Path
 
 from .cache import sha256_file
 from .errors import ToolMissing
+from .lock import dpkg_installed
 from .progress import Progress
 
 
 def dpkg_packages(tree: Path) -> dict[str, str]:
     """package[:arch] -> version of every installed package in the tree's dpkg status."""
-    out: dict[str, str] = {}
-    status = Path(tree) / "var/lib/dpkg/status"
-    for stanza in status.read_text().split("\n\n"):
-        fields = {}
-        for line in stanza.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, _, v = line.partition(":")
-                fields[k] = v.strip()
-        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
-            name = fields["Package"]
-            arch = fields.get("Architecture", "")
-            out[f"{name}:{arch}" if arch not in ("", "all", "amd64") else name] = fields["Version"]
-    return dict(sorted(out.items()))
+    status = (Path(tree) / "var/lib/dpkg/status").read_text()
+    return dict(sorted((f"{name}:{arch}" if arch not in ("", "all", "amd64") else name, version)
+                       for name, arch, version in dpkg_installed(status)))
 
 
 def to_qcow2(raw: Path, dest: Path, progress: Progress) -> None:

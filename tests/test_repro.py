@@ -97,6 +97,18 @@ def test_dpkg_status_and_apt_pins():
         "Package: a\nPin: version 1:2.0-1\nPin-Priority: 1001\n\nPackage: b\nPin: version 3\nPin-Priority: 1001\n")
 
 
+def test_image_manifest_package_list_from_the_same_dpkg_status_reader(tmp_path):
+    from builder.export_image import dpkg_packages
+    status = tmp_path / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    status.write_text("Package: zlib1g\nStatus: install ok installed\nArchitecture: i386\nVersion: 1\n\n"
+                      "Package: gone\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n\n"
+                      "Package: b\nStatus: install ok installed\nArchitecture: all\nVersion: 3\n\n"
+                      "Package: a\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1:2.0-1\n")
+    # the native architecture and "all" without a suffix, foreign ones with; sorted by name
+    assert list(dpkg_packages(tmp_path).items()) == [("a", "1:2.0-1"), ("b", "3"), ("zlib1g:i386", "1")]
+
+
 @needs_mirror
 def test_locked_build_names_what_the_mirror_no_longer_has(tmp_path):
     site = init_site("a.test", tmp_path / "a", password="correct horse battery")
