@@ -15,6 +15,7 @@ checks is listed in OPENBSD_UNCHECKED.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import shlex
 import shutil
@@ -269,22 +270,21 @@ def _add_accounts(upper: Path, lower: Path, os_name: str) -> tuple[dict, dict]:
     members: dict[str, list[str]] = {}
     acc = load_accounts(os_name)
     taken = set(users.values()) | set(groups.values())
-    next_id = 900
+
+    def free_id() -> int:
+        new = next(i for i in itertools.count(900) if i not in taken)
+        taken.add(new)
+        return new
+
     for g in acc.get("groups", []):
         if g["name"] not in groups:
-            while next_id in taken:
-                next_id += 1
-            groups[g["name"]] = next_id
-            taken.add(next_id)
+            groups[g["name"]] = gid = free_id()
             members[g["name"]] = [m for m in g.get("members", []) if m in users]
-            group.append(f"{g['name']}:x:{next_id}:{','.join(members[g['name']])}")
+            group.append(f"{g['name']}:x:{gid}:{','.join(members[g['name']])}")
     for u in acc.get("users", []):
         if u["name"] not in users:
-            while next_id in taken:
-                next_id += 1
-            users[u["name"]] = next_id
-            taken.add(next_id)
-            passwd.append(f"{u['name']}:x:{next_id}:{groups[u['group']]}::{u['home']}:{u['shell']}")
+            users[u["name"]] = uid = free_id()
+            passwd.append(f"{u['name']}:x:{uid}:{groups[u['group']]}::{u['home']}:{u['shell']}")
     _write(upper, "/etc/passwd", ("\n".join(passwd) + "\n").encode(), 0o644)
     _write(upper, "/etc/group", ("\n".join(group) + "\n").encode(), 0o644)
     for u in acc.get("users", []):     # homes as the image makes them (vmail: 0750 vmail:vmail)
