@@ -24,7 +24,7 @@ from builder.openbsd import answers, build, sets, siteset
 from builder.render import render_tree
 from builder.site import load_site
 
-from test_openbsd_sets import SETS, keypair, package, sign_dir
+from test_openbsd_sets import SETS, signed_release
 
 MIRROR_ENV = "MKMAILIMAGE_OPENBSD_MIRROR"
 
@@ -40,21 +40,8 @@ def make_site(tmp_path, openbsd: dict):
 @pytest.fixture
 def fake_release(tmp_path, monkeypatch):
     monkeypatch.setenv("MKMAILIMAGE_CACHE", str(tmp_path / "cache"))
-    keys = tmp_path / "keys"
-    base_pub, base_sec = keypair(keys, "openbsd-78-base")
-    _, pkg_sec = keypair(keys, "openbsd-78-pkg")
-    d = tmp_path / "OpenBSD" / "7.8" / "amd64"
-    d.mkdir(parents=True)
-    for n in SETS:
-        (d / n).write_bytes(f"{n}\n".encode() * 50)
-    sign_dir(d, base_sec, SETS)
-    p = tmp_path / "OpenBSD" / "7.8" / "packages" / "amd64"
-    p.mkdir(parents=True)
-    for name in ["quirks-7.103", "dovecot-2.3.21.1p0v0", "dovecot-pigeonhole-0.5.21.1v1", "rspamd-3.10.0",
-                 "opensmtpd-filter-rspamd-0.1.8p0", "redis-7.2.5"]:
-        package(p, name, [], pkg_sec)
-    sign_dir(p, pkg_sec, sorted(f.name for f in p.iterdir()))
-    return d, base_pub
+    release = signed_release(tmp_path)
+    return release["sets"], release["key"]
 
 
 def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, fake_release):

@@ -54,6 +54,12 @@ def package(d: Path, name: str, depends: list[str], sec: Path) -> None:
 @pytest.fixture
 def release(tmp_path, monkeypatch):
     monkeypatch.setenv("MKMAILIMAGE_CACHE", str(tmp_path / "cache"))
+    return signed_release(tmp_path)
+
+
+def signed_release(tmp_path: Path) -> dict:
+    """A release under tmp_path/mirror signed with keys made here (signify -G): the sets plus
+    INSTALL.amd64 (-S -e), and packages with dependencies, each signed with -S -z."""
     keys = tmp_path / "keys"
     base_pub, base_sec = keypair(keys, "openbsd-78-base")
     pkg_pub, pkg_sec = keypair(keys, "openbsd-78-pkg")
