@@ -57,7 +57,8 @@ def admin_for(site: Site) -> Admin | None:
     return Admin(ADMIN_LOGIN, "Mail server administrator", DISABLED_PASSWORD, keys[0])
 
 
-def _env() -> jinja2.Environment:
+def template_env() -> jinja2.Environment:
+    """Templates of autoinstall/openbsd/ (answers, disklabel, site set scripts)."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.AUTOINSTALL / "openbsd")),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                               trim_blocks=True, lstrip_blocks=True, autoescape=False)
@@ -71,7 +72,7 @@ def render_install_conf(site: Site, base_url: str, display: bool = False) -> str
     for value in (site.hostname, site.model.timezone, base_url):
         if any(c.isspace() for c in value):
             raise BuildError(f"{value!r} contains blanks; the installer's answers cannot")
-    return _env().get_template("install.conf.j2").render(
+    return template_env().get_template("install.conf.j2").render(
         site=site, m=site.model, nic=NIC, disk=DISK, display=display,
         root_password=DISABLED_PASSWORD, admin=admin_for(site),
         base_url=base_url.rstrip("/"), disklabel_name=DISKLABEL_NAME,
@@ -104,5 +105,5 @@ def partition_sizes(gib: int) -> dict[str, str]:
 
 
 def render_disklabel(site: Site) -> str:
-    return _env().get_template("disklabel.j2").render(
+    return template_env().get_template("disklabel.j2").render(
         site=site, disk_size=site.model.openbsd.disk_size, sizes=partition_sizes(disk_gib(site)))

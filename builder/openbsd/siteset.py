@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import yaml
 
 from .. import paths
@@ -47,12 +46,6 @@ class PackagePlan:
     files: list[str]       # package file names, dependencies first
 
 
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.AUTOINSTALL / "openbsd")),
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
-
-
 def installurl(site: Site) -> str:
     """The mirror the finished system uses for pkg_add/syspatch (never the builder's server)."""
     mirror = site.model.openbsd.mirror
@@ -71,7 +64,7 @@ def accounts() -> dict:
 
 def extra_entries(site: Site, tree: Tree, plan: PackagePlan) -> list[Entry]:
     """install.site and the first-boot scripts, rendered from autoinstall/openbsd/."""
-    env = _env()
+    env = answers.template_env()
     admin = answers.admin_for(site)
     chowns = [e for e in tree.sorted() if e.owner not in ROOT_NAMES or e.group not in ROOT_NAMES]
     ctx = dict(site=site, m=site.model, plan=plan, admin=admin, installurl=installurl(site),
