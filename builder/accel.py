@@ -30,9 +30,13 @@ from .paths import cache_dir
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT = 3.0
 
-# TCG: "max" gives the guest every feature TCG emulates (SSSE3, SSE4 ... that Debian's
-# rspamd/hyperscan like); multi-threaded TCG uses one host thread per vCPU.
-TCG_ARGS = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+# TCG: "qemu64" (baseline x86-64, no SSSE3), not "max". With SSSE3 rspamd uses hyperscan,
+# and compiling its public-suffix database (9760 patterns) takes 5+ minutes of emulated CPU
+# at every first boot before the scanner listens; without SSSE3 rspamd takes its documented
+# non-hyperscan path (Aho-Corasick + PCRE) and is ready in seconds. Mixing "max,-ssse3" is
+# not an option: glibc in the guest then traps on invalid opcodes (modprobe in the initramfs).
+# Multi-threaded TCG uses one host thread per vCPU.
+TCG_ARGS = ["-accel", "tcg,thread=multi", "-cpu", "qemu64"]
 # KVM CPU models to try, best first.
 KVM_CPUS = ["host", "max"]
 
@@ -140,7 +144,8 @@ def _from_disk() -> Accel | None:
         data = json.loads(_disk_path().read_text())
         if data["name"] == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             return None   # KVM went away since: decide again
-        return Accel(data["name"], list(data["args"]), data["reason"] + " [cached]")
+        args = TCG_ARGS if data["name"] == "tcg" else list(data["args"])  # TCG_ARGS may change
+        return Accel(data["name"], args, data["reason"] + " [cached]")
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
