@@ -266,7 +266,8 @@ def mail_flow(site, debian, tmp_path_factory):
     py = sys.executable
     # what the image runs before dovecot starts (the rendered systemd drop-in)
     dropin = debian["/etc/systemd/system/dovecot.service.d/mkmailimage.conf"].data.decode()
-    SIEVE_PRECOMPILE = re.search(r"^ExecStartPre=(.+)$", dropin, re.M).group(1)
+    # ("+" = run outside the unit's sandbox; the chroot runs it as root anyway)
+    SIEVE_PRECOMPILE = re.search(r"^ExecStartPre=\+?(.+)$", dropin, re.M).group(1)
     user = site.mailboxes[0]
     script = f"""
 ip link set lo up

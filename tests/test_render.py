@@ -331,6 +331,7 @@ def test_global_sieve_script_is_compiled_by_root_before_delivery(site):
     script = "/etc/dovecot/sieve/spam-to-junk.sieve"
     deb = render_tree(site, "debian")
     dropin = text(deb, "/etc/systemd/system/dovecot.service.d/mkmailimage.conf")
-    assert f"\nExecStartPre=/usr/bin/sievec {script}\n" in dropin and script in deb
+    # "+": outside the unit's ProtectSystem=full sandbox, which makes /etc read-only
+    assert f"\nExecStartPre=+/usr/bin/sievec {script}\n" in dropin and script in deb
     obsd = render_tree(site, "openbsd")
     assert f"/usr/local/bin/sievec {script}\n" in text(obsd, "/etc/rc.local") and script in obsd
