@@ -114,8 +114,9 @@ def configure_guest(machine, peer: PeerSpec, other: PeerSpec, zone_config: str) 
     machine.wait_until_succeeds(f"getent hosts mail.{other.domain} | grep -q {other.address}", timeout=60)
     for unit in SERVICES:
         machine.wait_for_unit(unit, timeout=600)
-    # rspamd reports "started" long before its scanner listens: under TCG it spends minutes
-    # compiling the public-suffix list, and filter-rspamd answers 421 until the scanner is up.
+    # rspamd reports "started" before its scanner listens (config load; with no DNS upstream
+    # its fuzzy servers' names take ~15 s to fail), and filter-rspamd answers 421 until then.
+    # (Minutes with a hyperscan-capable guest CPU: see TCG_ARGS in builder/accel.py.)
     machine.wait_for_open_port(11333, timeout=1200)
 
 
