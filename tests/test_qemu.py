@@ -86,6 +86,18 @@ def test_detect_accel_decision_matches_probe(monkeypatch, tmp_path):
     assert list(tmp_path.glob("accel-*.json"))
 
 
+def test_cached_tcg_decision_uses_the_current_tcg_arguments(monkeypatch, tmp_path):
+    """A TCG decision cached by an older builder (then "-cpu max") must not pin its CPU model:
+    with SSSE3 the guest's rspamd compiles hyperscan databases for minutes at first boot."""
+    monkeypatch.delenv("MKMAILIMAGE_ACCEL", raising=False)
+    monkeypatch.setenv("MKMAILIMAGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(accel, "_cached", None)
+    accel._to_disk(accel.Accel("tcg", ["-accel", "tcg", "-cpu", "max"], "KVM unusable: using TCG"))
+    a = accel.detect_accel()
+    assert a.name == "tcg" and a.args == accel.TCG_ARGS and "[cached]" in a.reason
+    assert "max" not in a.args
+
+
 # ------------------------------------------------------------------ one guest
 
 
