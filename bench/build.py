@@ -94,8 +94,8 @@ def boot_to_ready(image: Path, serial_log: Path, key: Path | None, timeout: floa
             ready = {p: f.result() for p, f in ports.items()}
             scanner = rspamd.result()
         vm.powerdown(timeout=60)
-    return {"accel": f"{vm.accel.reason} ({' '.join(vm.accel.args)})", "ports": ready, "ports_ready": max(ready.values()),
-            "rspamd_ready": scanner}
+    return {"accel": f"{vm.accel.reason} ({' '.join(vm.accel.args)})", "ports": ready,
+            "ports_ready": max(ready.values()), "rspamd_ready": scanner}
 
 
 def boot_rows(boot: dict) -> list[tuple[str, str, str]]:
@@ -103,8 +103,8 @@ def boot_rows(boot: dict) -> list[tuple[str, str, str]]:
              f"(per port {boot['ports']})", "target <= 60 s")]
     if boot["rspamd_ready"] is not None:
         rows.append(("boot to rspamd scanner listening", f"{boot['rspamd_ready']:.1f} s", ""))
-        rows.append(("boot to all services ready", f"{max(boot['ports_ready'], boot['rspamd_ready']):.1f} s",
-                     "target <= 60 s"))
+        everything = max(boot["ports_ready"], boot["rspamd_ready"])
+        rows.append(("boot to all services ready", f"{everything:.1f} s", "target <= 60 s"))
     rows.append(("  accelerator", boot["accel"], ""))
     return rows
 
