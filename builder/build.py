@@ -97,9 +97,10 @@ def step_render(st: BuildState) -> None:
 
 
 def step_base_layer(st: BuildState) -> None:
-    from .debian.bootstrap import BaseInputs, base_layer, build_mirror
+    from .debian.bootstrap import BaseInputs, base_layer, build_mirror, packages_for
     d = st.site.model.debian
-    st.base_inputs = BaseInputs(suite=d.suite, mirror=build_mirror(d.mirror), epoch=st.epoch)
+    st.base_inputs = BaseInputs(suite=d.suite, mirror=build_mirror(d.mirror), epoch=st.epoch,
+                                packages=packages_for(st.site))
     if st.lock:
         from .lock import locked_base_layer
         st.base_inputs.pins = st.lock.pins()

@@ -234,10 +234,11 @@ def write_lock(path: Path, data: dict) -> None:
 
 def installed_from_layer(site, *, epoch: int, no_cache: bool = False, progress=None):
     """The base layer a build of this site uses (built now if not cached): its dpkg status."""
-    from .debian.bootstrap import BaseInputs, base_layer, build_mirror
+    from .debian.bootstrap import BaseInputs, base_layer, build_mirror, packages_for
     from .progress import Progress
     d = site.model.debian
-    inputs = BaseInputs(suite=d.suite, mirror=build_mirror(d.mirror), epoch=epoch)
+    inputs = BaseInputs(suite=d.suite, mirror=build_mirror(d.mirror), epoch=epoch,
+                        packages=packages_for(site))
     tar, _ = base_layer(inputs, progress or Progress(), no_cache=no_cache)
     return dpkg_installed(layer_status(tar)), inputs.mirror, inputs.packages
 

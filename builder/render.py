@@ -81,12 +81,22 @@ OS_FACTS = {
 }
 
 
+class _Omit(Exception):
+    """Raised by `{{ omit() }}` in a template: the file is not part of this site's tree
+    (e.g. the ACME client's files when tls.mode is selfsigned)."""
+
+
+def _omit():
+    raise _Omit()
+
+
 def template_env(os_name: str) -> jinja2.Environment:
     base = paths.OVERLAYS
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(base / os_name / "root"), str(base / "common")]),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
         lstrip_blocks=True, autoescape=False)
+    env.globals["omit"] = _omit
     return env
 
 
@@ -125,6 +135,7 @@ def render_tree(site: Site, os_name: str, extra: dict | None = None) -> Tree:
     ctx = context(site, os_name, extra)
     rules = _modes(os_name)
     tree = Tree()
+    omitted: list[str] = []
     for src in sorted(root.rglob("*")):
         rel = "/" + src.relative_to(root).as_posix()
         if src.is_dir():
@@ -133,15 +144,28 @@ def render_tree(site: Site, os_name: str, extra: dict | None = None) -> Tree:
         if src.suffix == ".j2":
             rel = rel[:-3]
             tmpl = env.get_template(src.relative_to(root).as_posix())
-            data = tmpl.render(**ctx).encode()
+            try:
+                data = tmpl.render(**ctx).encode()
+            except _Omit:
+                omitted.append(rel)
+                continue
         else:
             data = src.read_bytes()
         mode, owner, group = _meta(rules, rel, False)
         if src.suffix != ".j2" and os.access(src, os.X_OK) and mode == 0o644:
             mode = 0o755
         tree.add(Entry(rel, data, mode, owner, group))
+    _drop_emptied_dirs(tree, omitted)
     _add_dkim_keys(tree, site, os_name, rules)
     return tree
+
+
+def _drop_emptied_dirs(tree: Tree, omitted: list[str]) -> None:
+    """Directories of the template tree left empty by omitted files are not created either."""
+    for path in sorted({p.rsplit("/", 1)[0] for p in omitted}, key=len, reverse=True):
+        while path and path in tree and not any(k.startswith(path + "/") for k in tree):
+            del tree[path]
+            path = path.rsplit("/", 1)[0]
 
 
 def _add_dkim_keys(tree: Tree, site: Site, os_name: str, rules) -> None:

@@ -104,9 +104,46 @@ class Dmarc(Strict):
     report: str = "dmarc-reports"   # local part (resolved via users/aliases) or full address
 
 
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+
 class Tls(Strict):
     mode: Literal["selfsigned", "acme"] = "selfsigned"
-    acme_email: str | None = None
+    acme_email: str | None = None      # ACME account contact; None: register without one
+    acme_server: str | None = None     # ACME directory URL; None: Let's Encrypt's production one
+    acme_ca: str | None = None         # PEM CA bundle the ACME server's HTTPS is signed by
+                                       # (private ACME CAs), relative to the site file
+
+    @property
+    def acme_directory(self) -> str:
+        return self.acme_server or LETSENCRYPT_DIRECTORY
+
+    @field_validator("acme_email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v is not None:
+            local, at, dom = v.rpartition("@")
+            if not at or not re.match(r"^[A-Za-z0-9._%+-]+$", local):
+                raise ValueError(f"'{v}' is not an e-mail address")
+            _domain(dom)
+        return v
+
+    @field_validator("acme_server")
+    @classmethod
+    def _server(cls, v: str | None) -> str | None:
+        # RFC 8555 6.1: ACME is spoken over HTTPS only
+        if v is not None and not re.match(r"^https://[A-Za-z0-9.:\[\]-]+(/\S*)?$", v):
+            raise ValueError(f"'{v}' is not an https:// ACME directory URL")
+        return v
+
+    @model_validator(mode="after")
+    def _only_with_acme(self) -> "Tls":
+        if self.mode != "acme":
+            for name in ("acme_email", "acme_server", "acme_ca"):
+                if getattr(self, name) is not None:
+                    raise _at(("tls", name), f"{name} is only used with tls.mode: acme "
+                                             f"(mode is {self.mode})")
+        return self
 
 
 class Debian(Strict):
@@ -280,6 +317,7 @@ class Site:
         self.model = model
         self.path = path
         self.dkim_keys = dkim_keys          # selector -> PEM private key
+        self.acme_ca_pem: str | None = None   # tls.acme_ca's certificates (PEM), read at load
         m = model
         self.domain = m.domain
         self.hostname = m.hostname or f"mail.{m.domain}"
@@ -358,6 +396,7 @@ def load_site(path: str | Path) -> Site:
     site = Site(model, path.resolve(), {})
     _check_aliases_resolve(site, marked, name, errors)
     _load_dkim_keys(site, marked, name, errors)
+    _load_acme_ca(site, marked, name, errors)
     if errors:
         raise SiteErrors(errors)
     return site
@@ -433,3 +472,29 @@ def _load_dkim_keys(site: Site, marked, name: str, errors: list[SiteError]) -> N
             errors.append(_error_at(marked, name, where, f"{key_path} is not an ed25519 key"))
         else:
             site.dkim_keys[sel.name] = pem
+
+
+def _load_acme_ca(site: Site, marked, name: str, errors: list[SiteError]) -> None:
+    """tls.acme_ca: PEM certificates only (copied into the image as certbot's CA bundle)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    rel = site.model.tls.acme_ca
+    if rel is None:
+        return
+    where = ("tls", "acme_ca")
+    ca_path = site.path.parent / rel
+    try:
+        text = ca_path.read_text(encoding="ascii")
+        certs = x509.load_pem_x509_certificates(text.encode())
+    except FileNotFoundError:
+        errors.append(_error_at(marked, name, where, f"ACME CA bundle {ca_path} does not exist"))
+        return
+    except (ValueError, OSError) as e:
+        errors.append(_error_at(marked, name, where, f"{ca_path} is not a PEM certificate bundle: {e}"))
+        return
+    if "PRIVATE KEY" in text:
+        errors.append(_error_at(marked, name, where, f"{ca_path} contains a private key; "
+                                "give only the CA certificate(s)"))
+        return
+    # re-encoded: the image gets the certificates alone, without comments or stray text
+    site.acme_ca_pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in certs)

@@ -50,6 +50,16 @@ PACKAGES = [
 ]
 
 
+# tls.mode acme: Debian's ACME client (standalone http-01: no web server needed)
+ACME_PACKAGES = ["certbot"]
+
+
+def packages_for(site) -> list[str]:
+    """The base layer's packages for this site: the ACME client only where it is used (the
+    layer is cached per package list, so acme and selfsigned sites share nothing else)."""
+    return PACKAGES + (ACME_PACKAGES if site.model.tls.mode == "acme" else [])
+
+
 @dataclass
 class BaseInputs:
     suite: str

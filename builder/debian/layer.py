@@ -28,6 +28,24 @@ UNITS = [
     "rspamd.service", "dovecot.service", "opensmtpd.service",
 ]
 
+# tls.mode acme: our certbot runner, and Debian's renewal timer (the certbot package enables
+# it too; listed so the image does not depend on that)
+ACME_UNITS = ["mkmailimage-acme.service", "certbot.timer"]
+
+
+def units_for(site: Site) -> list[str]:
+    return UNITS + (ACME_UNITS if site.model.tls.mode == "acme" else [])
+
+
+def site_env(site: Site) -> str:
+    """/etc/mkmailimage/site.env: the values first boot and the ACME runner need."""
+    tls = site.model.tls
+    acme = tls.mode == "acme"
+    return (f"HOSTNAME={site.hostname}\nDOMAIN={site.domain}\nTLS_MODE={tls.mode}\n"
+            f"ACME_EMAIL={tls.acme_email or ''}\n"
+            f"ACME_SERVER={tls.acme_directory if acme else ''}\n")
+
+
 NETWORK_FILE = "etc/systemd/network/20-mkmailimage-dhcp.network"
 NETWORK = """\
 # DHCP on the first Ethernet NIC, whatever its name (ens3, enp0s3, eth0 ...)
@@ -62,15 +80,13 @@ def apply(tree: Path, site: Site, overlay: Tree, *, epoch: int) -> None:
     _write(tree, "etc/machine-id", "")
     _write(tree, NETWORK_FILE, NETWORK)
     _timezone(tree, m.timezone)
-    _write(tree, "etc/mkmailimage/site.env",
-           f"HOSTNAME={site.hostname}\nDOMAIN={site.domain}\nTLS_MODE={m.tls.mode}\n"
-           f"ACME_EMAIL={m.tls.acme_email or ''}\n")
+    _write(tree, "etc/mkmailimage/site.env", site_env(site))
     _accounts(tree, epoch)
     _overlay(tree, overlay, epoch)
     if m.admin_ssh_keys and not (tree / "root/.ssh/authorized_keys").exists():
         (tree / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
         _write(tree, "root/.ssh/authorized_keys", "\n".join(m.admin_ssh_keys) + "\n", 0o600)
-    _enable_units(tree, UNITS)
+    _enable_units(tree, units_for(site))
     _check_no_host_state(tree)
 
 

@@ -109,14 +109,14 @@ def image_sources(site: Site) -> str:
 def render_preseed(site: Site, mirror: str, base_url: str, disk: str = DISK,
                    packages: list[str] | None = None, security_mirror: str | None = None) -> str:
     """The preseed for this site; `mirror` is the one the installer downloads from."""
-    from .bootstrap import PACKAGES
+    from .bootstrap import packages_for
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.AUTOINSTALL / "debian")),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
     inst = installer_mirror(mirror, security_mirror)
     return env.get_template("preseed.cfg.j2").render(
         site=site, m=site.model, inst=inst, admin=INSTALL_USER, disk=disk, base_url=base_url,
-        packages=packages or PACKAGES)
+        packages=packages or packages_for(site))
 
 
 def kernel_append(site: Site, base_url: str) -> str:
@@ -138,7 +138,6 @@ def system_entries(site: Site) -> list[Entry]:
     """System integration the bootstrap image gets from builder.debian.layer, as overlay
     entries (same contents): apt sources, hostname, hosts, resolver, network, site.env."""
     from . import layer
-    m = site.model
     text = {
         "/etc/apt/sources.list.d/debian.sources": image_sources(site),
         "/etc/hostname": site.hostname + "\n",
@@ -150,8 +149,7 @@ def system_entries(site: Site) -> list[Entry]:
         # ifupdown (installed by d-i) must not run DHCP beside systemd-networkd
         "/etc/network/interfaces": "# network: systemd-networkd (/etc/systemd/network)\n"
                                    "auto lo\niface lo inet loopback\n",
-        "/etc/mkmailimage/site.env": (f"HOSTNAME={site.hostname}\nDOMAIN={site.domain}\n"
-                                      f"TLS_MODE={m.tls.mode}\nACME_EMAIL={m.tls.acme_email or ''}\n"),
+        "/etc/mkmailimage/site.env": layer.site_env(site),
     }
     return [Entry(path, data.encode(), 0o644) for path, data in text.items()]
 
@@ -245,7 +243,7 @@ def write_served_dir(site: Site, tree: Tree, out: Path, base_url: str, mirror: s
     (out / "overlay.tar").write_bytes(overlay_tar(entries))
     (out / "owners.txt").write_text(owners_list(entries))
     (out / "accounts.txt").write_text(accounts_list(entries))
-    (out / "units.txt").write_text("".join(u + "\n" for u in layer.UNITS))
+    (out / "units.txt").write_text("".join(u + "\n" for u in layer.units_for(site)))
     (out / "instance-files.txt").write_text("".join(p + "\n" for p in layer.INSTANCE_FILES))
     (out / "install-user.txt").write_text(INSTALL_USER + "\n")
     (out / "status" / "late-ok").write_text("ok\n")
