@@ -226,3 +226,162 @@ def test_preseed_overlay_gets_the_same_acme_setup(site_dir):
     assert entries["/etc/mkmailimage/site.env"].data.decode() == layer.site_env(site)
     text = preseed.render_preseed(site, "http://mirror.example.net/debian", "http://10.0.2.100")
     assert "certbot" in next(l for l in text.splitlines() if l.startswith("d-i pkgsel/include"))
+
+
+# -- the VM test: a real ACME server (pebble) on the host ---------------------------------------
+
+class Pebble:
+    """Debian's pebble on 127.0.0.1 with our HTTPS certificate; http-01 checks go to
+    127.0.0.1:`http_port` after resolving names with `dns_port` (a LocalDns)."""
+
+    def __init__(self, workdir: Path, dns_port: int, http_port: int):
+        from builder.qemu import free_port
+        self.dir, self.dns_port, self.http_port = workdir, dns_port, http_port
+        self.port, self.mgmt_port = free_port(), free_port()
+        self.ca_key, self.ca = make_ca()
+        key, cert = make_server_cert(self.ca_key, self.ca, ["127.0.0.1", GUEST_ACME_ADDR], ["localhost"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "ca.pem").write_bytes(pem(self.ca))
+        (self.dir / "cert.pem").write_bytes(pem(cert))
+        (self.dir / "key.pem").write_bytes(pem(key))
+        self.log = self.dir / "pebble.log"
+        self.proc = None
+
+    def __enter__(self) -> "Pebble":
+        from builder.qemu import free_port
+        if not shutil.which("pebble"):
+            pytest.skip("Debian package pebble is not installed (./quickstart installs it)")
+        cfg = {"pebble": {"listenAddress": f"127.0.0.1:{self.port}",
+                          "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
+                          "certificate": str(self.dir / "cert.pem"), "privateKey": str(self.dir / "key.pem"),
+                          "httpPort": self.http_port, "tlsPort": free_port(),   # tls-alpn-01: unused
+                          "ocspResponderURL": "", "externalAccountBindingRequired": False}}
+        (self.dir / "pebble.json").write_text(json.dumps(cfg))
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+        self.proc = subprocess.Popen(["pebble", "-config", str(self.dir / "pebble.json"),
+                                      "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/dir", self.port)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"pebble did not start: {self.log.read_text()}")
+                time.sleep(0.2)
+
+    def get(self, path: str, port: int) -> bytes:
+        import urllib.request
+        ctx = ssl.create_default_context(cadata=pem(self.ca).decode())
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx, timeout=10) as r:
+            return r.read()
+
+    def issuing_cas(self) -> list[x509.Certificate]:
+        """pebble's own root and intermediate (made at its start; they sign what it issues)."""
+        return [x509.load_pem_x509_certificate(self.get(p, self.mgmt_port))
+                for p in ("/roots/0", "/intermediates/0")]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _presented_cert(port: int, starttls: bool = False) -> x509.Certificate:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE      # compared by hand below
+    if starttls:
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
+            s.starttls(context=ctx)
+            der = s.sock.getpeercert(binary_form=True)
+    else:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as raw, \
+                ctx.wrap_socket(raw) as s:
+            der = s.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+@pytest.mark.vm
+@pytest.mark.xdist_group("acme")
+def test_acme_image_gets_its_certificate_from_a_real_acme_server(tmp_path):
+    from builder.build import BuildState, run_build
+    from builder.dnsrecords import Record
+    from builder.machine import Machine, ssh_keypair
+    from builder.progress import Progress
+    from builder.qemu import Disk, Qemu, QemuSpec, free_port
+    from builder.testdns import LocalDns
+    from fixtures_build import make_test_site
+
+    key, public = ssh_keypair(tmp_path / "ssh")
+    site_path = make_test_site(tmp_path, public, domain="acme.test")
+    http_port = free_port()          # host side of the guest's port 80: pebble's http-01 port
+    zones = {"acme.test": [Record("mail.acme.test.", "A", "127.0.0.1")]}
+    with LocalDns(zones) as dns, Pebble(tmp_path / "pebble", dns.port, http_port) as pebble:
+        (site_path.parent / "acme-ca.pem").write_bytes(pem(pebble.ca))
+        site_path.write_text(site_path.read_text().replace(
+            "  mode: selfsigned ", "  mode: acme\n  acme_email: hostmaster@acme.test\n"
+            f"  acme_server: https://{GUEST_ACME_ADDR}:{GUEST_ACME_PORT}/dir\n"
+            "  acme_ca: acme-ca.pem\n ", 1))
+        st = run_build(BuildState(site_path=site_path, out_dir=tmp_path / "images", name="acme.test",
+                                  progress=Progress(verbose=False)))
+        assert "certbot" in json.loads(Path(st.outputs["manifest"]).read_text())["packages"]
+        relay = f"cmd:{sys.executable} -m builder.openbsd.relay 127.0.0.1 {pebble.port}"
+        spec = QemuSpec(disks=[Disk(st.outputs["qcow2"], snapshot=True)], memory=2048, name="acme",
+                        forwards={22: None, 80: http_port, 465: None, 587: None, 993: None},
+                        guestfwd={f"{GUEST_ACME_ADDR}:{GUEST_ACME_PORT}": relay})
+        with Qemu(spec, tmp_path, log_path=tmp_path / "acme.serial.log") as vm, \
+                Machine(vm, key=key, name="acme") as m:
+            m.wait_for_ssh(timeout=600)
+            assert " 80," in m.succeed("nft list chain inet filter input")
+            try:
+                m.wait_until_succeeds("test -s /etc/letsencrypt/live/mkmailimage/fullchain.pem "
+                                      "&& journalctl -u mkmailimage-acme | grep -q 'certificate for mail.acme.test issued'",
+                                      timeout=600)
+            except Exception:
+                print(m.execute("journalctl --no-pager -u mkmailimage-acme -u opensmtpd -u dovecot | tail -n 80")[1])
+                print(pebble.log.read_text()[-4000:])
+                raise
+            chain = m.succeed("cat /etc/ssl/mkmailimage/fullchain.pem")
+            installed = x509.load_pem_x509_certificate(chain.encode())
+            renewal = m.succeed("cat /etc/letsencrypt/renewal/mkmailimage.conf")
+            m.succeed("systemctl is-enabled certbot.timer")
+            # idempotent: a second run (every boot does one) changes nothing
+            m.succeed("/usr/local/sbin/mkmailimage-acme")
+            assert m.succeed("cat /etc/ssl/mkmailimage/fullchain.pem") == chain
+            m.wait_for_unit("opensmtpd", timeout=300)
+            m.wait_for_unit("dovecot", timeout=300)
+            presented = {p: _presented_cert(vm.host_port(p), starttls=(p == 587)) for p in (465, 587, 993)}
+        root, intermediate = pebble.issuing_cas()
+    # issued by pebble's intermediate (not self-signed), for the site's hostname
+    assert installed.issuer == intermediate.subject != installed.subject
+    installed.verify_directly_issued_by(intermediate)      # raises unless pebble signed it
+    san = installed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["mail.acme.test"]
+    assert "renew_hook = /usr/local/sbin/mkmailimage-acme-deploy" in renewal
+    for port, cert in presented.items():
+        assert cert == installed, f"port {port} presents {cert.subject} issued by {cert.issuer}"
+
+
+@pytest.mark.vm
+def test_selfsigned_image_has_no_acme_client_and_port_80_closed(debian_image):
+    """The suite's shared selfsigned image, read without booting: the firewall it loads at
+    boot admits no port 80, and neither certbot nor our ACME units are in it."""
+    from builder.debian import disk
+    out = debian_image.outputs
+    fs = f"{out['raw']}?offset={disk.ROOT_START * disk.SECTOR}"
+
+    def debugfs(req: str) -> str:
+        return subprocess.run(["debugfs", "-R", req, fs], capture_output=True, text=True).stdout
+    nft = debugfs("cat /etc/nftables.conf")
+    rule = next(l for l in nft.splitlines() if l.strip().startswith("tcp dport"))
+    assert rule.strip() == "tcp dport { 22, 25, 465, 587, 993 } accept"
+    assert "certbot" not in json.loads(Path(out["manifest"]).read_text())["packages"]
+    assert "mkmailimage-acme" not in debugfs("ls /usr/local/sbin")
+    assert "mkmailimage-acme" not in debugfs("ls /etc/systemd/system")
+    assert "TLS_MODE=selfsigned" in debugfs("cat /etc/mkmailimage/site.env")
