@@ -8,9 +8,13 @@ is verified:
      or is smaller than the image -- no option skips these checks;
   3. ask for confirmation (unless --yes);
   4. stream the image's raw bytes, compressed on the wire when both sides can (zstd, else gzip),
-     into `dd` on the remote side, with a progress line;
-  5. read the disk back on the remote side (`head -c SIZE | sha256sum`) and compare with the
-     sha256 of the bytes sent.
+     into `dd` on the remote side, with a progress line. Most of an image is zeros: when the
+     rescue system can (`can_write_sparse`: `blkdiscard` and GNU dd), the image's range of the
+     disk is zeroed first (`blkdiscard -z`, which the disk or the kernel does without data
+     crossing the wire) and dd skips the all-zero blocks (`conv=sparse`) instead of writing them;
+     otherwise dd writes every block;
+  5. read the whole image's range of the disk back on the remote side (`dd | sha256sum`, every
+     byte, skipped blocks included) and compare with the sha256 of the bytes sent.
 """
 from __future__ import annotations
 
@@ -384,14 +388,45 @@ def _wire_chunks(raw: Path, size: int, method: str, hasher, progress: Progress):
         feeder.join(timeout=5)
 
 
-def _writer_script(method: str, dev: str) -> str:
+def can_write_sparse(remote: Remote, size: int) -> bool:
+    """Whether the remote side can zero SIZE bytes of a disk in place and then write only the
+    image's non-zero blocks: SIZE is whole 512-byte sectors (blkdiscard's unit), `blkdiscard`
+    exists, and dd is GNU dd with conv=sparse (busybox dd has no conv=sparse)."""
+    if size <= 0 or size % 512:
+        return False
+    if not remote.has("blkdiscard"):
+        return False
+    rc, out, _ = remote.run("dd --version", check=False)
+    if rc != 0 or "coreutils" not in out.partition("\n")[0]:    # "dd (GNU coreutils) 9.7";
+        return False                                          # Debian's says "dd (coreutils)"
+    return remote.run("dd if=/dev/zero of=/dev/null bs=512 count=1 conv=sparse 2>/dev/null",
+                      check=False)[0] == 0
+
+
+def zero_range(remote: Remote, dev: str, size: int) -> bool:
+    """Zero the first SIZE bytes of DEV (`blkdiscard -z`: the kernel asks the disk to write
+    zeroes, or writes them itself; no data crosses the wire). No time-out: a large disk without
+    write-zeroes support takes as long as writing it. False if it failed (then the caller writes
+    every block)."""
+    print(f"zeroing the first {_human(size)} of {dev}", file=sys.stderr)
+    rc, _, err = remote.run(f"blkdiscard -z -o 0 -l {size} {shlex.quote(dev)}", check=False, timeout=None)
+    if rc != 0:
+        print(f"warning: {remote.target}: blkdiscard -z failed ({err.strip() or f'exit {rc}'}); "
+              "writing every block instead", file=sys.stderr)
+    return rc == 0
+
+
+def _writer_script(method: str, dev: str, sparse: bool = False) -> str:
     """Remote side: decompress into dd. The decompressor's status is kept in a file because a
     POSIX shell reports only the last command of a pipeline, and a stream cut short must not
-    look like success."""
+    look like success. SPARSE: the target already reads as zeros (zero_range), so dd seeks over
+    all-zero blocks instead of writing them; iflag=fullblock makes every block a whole 4 MiB
+    of the image, not whatever one read from the pipe returned."""
+    dd = "bs=4M iflag=fullblock conv=sparse,fsync" if sparse else "bs=4M conv=fsync"
     return f"""
 st=$(mktemp) || exit 90
 echo 1 >"$st"
-{{ {WIRE[method][0]} && echo 0 >"$st"; }} | dd of={shlex.quote(dev)} bs=4M conv=fsync
+{{ {WIRE[method][0]} && echo 0 >"$st"; }} | dd of={shlex.quote(dev)} {dd}
 rc=$?
 d=$(cat "$st"); rm -f "$st"
 [ "$rc" = 0 ] || {{ echo "dd failed (exit $rc)" >&2; exit 91; }}
@@ -419,7 +454,7 @@ def _drain(chan: paramiko.Channel) -> str:
 
 
 def stream_image(client: paramiko.SSHClient, target: Target, raw: Path, size: int, dev: str,
-                 method: str) -> str:
+                 method: str, sparse: bool = False) -> str:
     """Send RAW into DEV; return the sha256 of the bytes sent. Raises unless the remote writer
     confirmed a complete, flushed write."""
     hasher = hashlib.sha256()
@@ -427,7 +462,7 @@ def stream_image(client: paramiko.SSHClient, target: Target, raw: Path, size: in
     try:
         chan = client.get_transport().open_session()
         chan.settimeout(STALL_TIMEOUT)
-        chan.exec_command(_writer_script(method, dev))
+        chan.exec_command(_writer_script(method, dev, sparse))
     except (OSError, EOFError, paramiko.SSHException) as e:
         raise UploadError(f"{target}: cannot start the remote writer: {e}") from None
     chunks = _wire_chunks(raw, size, method, hasher, progress)
@@ -508,10 +543,12 @@ def upload(image: Path, ssh: str, disk: str, identity: Path | None = None,
             _confirm(target, facts, image, info.virtual_size)
         method = next(m for m in ("zstd", "gzip", "plain")
                       if m == "plain" or (remote.has(m) and _local_has(m)))
+        sparse = can_write_sparse(remote, info.virtual_size) and \
+            zero_range(remote, facts.path, info.virtual_size)
         print(f"writing {image} ({_human(info.virtual_size)}) to {target}:{facts.path}, "
-              f"{method} on the wire", file=sys.stderr)
+              f"{method} on the wire{', zero blocks skipped' if sparse else ''}", file=sys.stderr)
         with raw_view(info, image.parent) as raw:
-            sent = stream_image(client, target, raw, info.virtual_size, facts.path, method)
+            sent = stream_image(client, target, raw, info.virtual_size, facts.path, method, sparse)
         print(f"verifying: reading {facts.path} back on {target.host} ...", file=sys.stderr)
         on_disk = read_back(remote, facts.path, info.virtual_size)
         if on_disk != sent:
