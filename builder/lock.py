@@ -73,14 +73,13 @@ def lock_path(site_path: Path) -> Path:
 
 def signed_index(mirror: str, suite: str) -> tuple[dict, dict[tuple[str, str], dict]]:
     """(Release fields, {(package, arch): {version: stanza}}) from the mirror's verified
-    main/binary-{amd64,all}/Packages.xz (the chain builder.debian.netboot checks)."""
+    Packages.xz indexes for amd64 (the chain builder.debian.netboot checks)."""
     from . import paths
     from .debian import netboot
     mirror = mirror.rstrip("/")
     release = netboot.verified_release(mirror, suite)
     index: dict[tuple[str, str], dict] = {}
-    names = [n for n in ("main/binary-amd64/Packages.xz", "main/binary-all/Packages.xz")
-             if n in release.get("SHA256", {})]
+    names = netboot.packages_indexes(release)
     if not names:
         raise LockError(f"{mirror}/dists/{suite}/InRelease lists no main Packages.xz for amd64")
     for name in names:

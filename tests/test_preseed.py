@@ -318,7 +318,7 @@ def test_corrupted_extracted_kernel_is_extracted_again(netboot_cache):
 @needs_mirror
 def test_inrelease_signature_is_checked(tmp_path):
     release = netboot.verified_release(HOST_MIRROR, "trixie")
-    assert release["Codename"] == "trixie" and "main/binary-all/Packages.xz" in release["SHA256"]
+    assert release["Codename"] == "trixie" and "main/binary-amd64/Packages.xz" in release["SHA256"]
     # a keyring without Debian's keys must refuse the same file
     subprocess.run(["gpg", "--batch", "--quiet", "--no-default-keyring", "--homedir", str(tmp_path),
                     "--keyring", str(tmp_path / "empty.gpg"), "--fingerprint"], capture_output=True)
@@ -332,13 +332,23 @@ def test_inrelease_signature_is_checked(tmp_path):
 @needs_mirror
 def test_wrong_hash_is_refused_and_nothing_cached(tmp_path):
     release = netboot.verified_release(HOST_MIRROR, "trixie")
-    sha, size = release["SHA256"]["main/binary-all/Packages.xz"]
+    sha, size = release["SHA256"]["main/binary-amd64/Packages.xz"]
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(netboot.NetbootVerifyError, match="sha256"):
-        netboot.fetch_verified(f"{HOST_MIRROR}/dists/trixie/main/binary-all/Packages.xz", wrong, size,
+        netboot.fetch_verified(f"{HOST_MIRROR}/dists/trixie/main/binary-amd64/Packages.xz", wrong, size,
                                tmp_path, log=lambda _: None)
     assert not netboot.blob_path(tmp_path, wrong).exists()
     assert not list((tmp_path / "downloads" / "sha256").glob(".*"))   # no temporary left
+
+
+def test_arch_all_index_is_skipped_when_the_release_lists_them_per_architecture():
+    sums = {f"main/binary-{a}/Packages.xz": ("0" * 64, 1) for a in ("amd64", "all", "arm64")}
+    bookworm_like = {"SHA256": sums}
+    trixie_like = {"SHA256": sums, "No-Support-for-Architecture-all": "Packages"}
+    assert netboot.packages_indexes(bookworm_like) == ["main/binary-amd64/Packages.xz",
+                                                       "main/binary-all/Packages.xz"]
+    assert netboot.packages_indexes(trixie_like) == ["main/binary-amd64/Packages.xz"]
+    assert netboot.packages_indexes({"SHA256": {}}) == []
 
 
 def test_unknown_suite_is_refused():

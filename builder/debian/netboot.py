@@ -121,13 +121,20 @@ def parse_packages(text: str):
             yield stanza
 
 
+def packages_indexes(release: dict, arch: str = "amd64") -> list[str]:
+    """The main Packages.xz files that list ARCH's packages and the arch:all ones. With
+    `No-Support-for-Architecture-all: Packages` (trixie on), arch:all packages are listed in each
+    binary-ARCH index and binary-all/Packages is not for clients: it is not even guaranteed to
+    match its signed hash on every mirror, so it is not fetched."""
+    names = [f"main/binary-{arch}/Packages.xz"]
+    if release.get("No-Support-for-Architecture-all", "").strip() != "Packages":
+        names.append("main/binary-all/Packages.xz")
+    return [n for n in names if n in release.get("SHA256", {})]
+
+
 def _find_package(mirror: str, suite: str, release: dict, package: str, cache: Path) -> dict:
-    # arch:all packages are listed in binary-all when the Release says so, else in binary-amd64
     tried = []
-    for arch in ("all", "amd64"):
-        name = f"main/binary-{arch}/Packages.xz"
-        if name not in release.get("SHA256", {}):
-            continue
+    for name in packages_indexes(release):
         sha, size = release["SHA256"][name]
         path = fetch_verified(f"{mirror}/dists/{suite}/{name}", sha, size, cache, lambda _: None)
         text = lzma.decompress(path.read_bytes()).decode("utf-8", errors="replace")
