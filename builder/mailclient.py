@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import cache
 
 from .errors import MkMailImageError, ToolMissing
 
@@ -32,6 +33,9 @@ def swaks(server: str, port: int, *, sender: str, to: str, tls: str | None = Non
     """Send one message with swaks. tls: None (plain), 'starttls' (required) or 'smtps'."""
     if not shutil.which("swaks"):
         raise ToolMissing("swaks", "swaks")
+    if tls and not swaks_supports_tls():
+        # swaks only Recommends its TLS module: without it every TLS session "fails" at the client
+        raise ToolMissing("swaks TLS support (perl Net::SSLeay)", "libnet-ssleay-perl")
     cmd = ["swaks", "--server", server, "--port", str(port), "--from", sender, "--to", to,
            "--helo", helo, "--timeout", str(timeout), "--hide-informational"]
     if tls == "starttls":
@@ -48,6 +52,12 @@ def swaks(server: str, port: int, *, sender: str, to: str, tls: str | None = Non
         cmd += ["--body", body]
     r = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout + 30)
     return SwaksResult(r.returncode, (r.stdout + r.stderr).decode(errors="replace"))
+
+
+@cache
+def swaks_supports_tls() -> bool:
+    r = subprocess.run(["swaks", "--support", "STARTTLS"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0
 
 
 class Imap:
