@@ -56,8 +56,8 @@ def swaks(server: str, port: int, *, sender: str, to: str, tls: str | None = Non
 
 @cache
 def swaks_supports_tls() -> bool:
-    r = subprocess.run(["swaks", "--support", "STARTTLS"], capture_output=True, text=True, timeout=30)
-    return r.returncode == 0
+    r = subprocess.run(["swaks", "--support"], capture_output=True, text=True, timeout=30)
+    return "=== TLS supported" in r.stdout + r.stderr
 
 
 class Imap:
