@@ -73,21 +73,21 @@ def lock_path(site_path: Path) -> Path:
 
 def signed_index(mirror: str, suite: str) -> tuple[dict, dict[tuple[str, str], dict]]:
     """(Release fields, {(package, arch): {version: stanza}}) from the mirror's verified
-    Packages.xz indexes for amd64 (the chain builder.debian.netboot checks)."""
+    Packages.xz indexes for amd64 (the chain builder.debian.archive checks)."""
     from . import paths
-    from .debian import netboot
+    from .debian import archive
     mirror = mirror.rstrip("/")
-    release = netboot.verified_release(mirror, suite)
+    release = archive.verified_release(mirror, suite)
     index: dict[tuple[str, str], dict] = {}
-    names = netboot.packages_indexes(release)
+    names = archive.packages_indexes(release)
     if not names:
         raise LockError(f"{mirror}/dists/{suite}/InRelease lists no main Packages.xz for amd64")
     for name in names:
         sha, size = release["SHA256"][name]
-        blob = netboot.fetch_verified(f"{mirror}/dists/{suite}/{name}", sha, size, paths.cache_dir(),
+        blob = archive.fetch_verified(f"{mirror}/dists/{suite}/{name}", sha, size, paths.cache_dir(),
                                       lambda _: None)
         text = lzma.decompress(blob.read_bytes()).decode("utf-8", errors="replace")
-        for st in netboot.parse_packages(text):
+        for st in archive.parse_packages(text):
             if {"Package", "Version", "Architecture", "SHA256", "Filename"} <= st.keys():
                 index.setdefault((st["Package"], st["Architecture"]), {})[st["Version"]] = st
     return release, index
