@@ -164,7 +164,8 @@ def test_unsigned_package_is_refused(release):
         sets.stage_packages(src, release["pkg_key"], ("redis",), release["tmp"] / "p")
 
 
-def test_missing_key_names_what_to_do(tmp_path):
+def test_missing_key_names_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr("builder.hostinfo.host_debian_mirror", lambda: None)   # no fetch (test_openbsd_keys)
     with pytest.raises(sets.OpenBSDSetError, match="openbsd.signify_key"):
         sets.release_key("9.9", key_file=tmp_path / "nope.pub")
     named = tmp_path / "openbsd-99-base.pub"
@@ -172,7 +173,8 @@ def test_missing_key_names_what_to_do(tmp_path):
     assert sets.release_key("9.9", key_file=named) == named
 
 
-def test_package_key_is_looked_for_beside_a_named_base_key(tmp_path):
+def test_package_key_is_looked_for_beside_a_named_base_key(tmp_path, monkeypatch):
+    monkeypatch.setattr("builder.hostinfo.host_debian_mirror", lambda: None)
     base = tmp_path / "openbsd-99-base.pub"
     pkg = tmp_path / "openbsd-99-pkg.pub"
     for k in (base, pkg):

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import paths
-from ..errors import BuildError, ToolMissing
+from ..errors import BuildError, MkMailImageError, ToolMissing
 from ..cache import sha256_file
 
 ARCH = "amd64"
 SIGNIFY = "signify-openbsd"
 DEBIAN_KEYS = Path("/usr/share/signify-openbsd-keys")
+# Where the host may have release keys, in the order they are looked at.
+HOST_KEY_DIRS = (DEBIAN_KEYS, Path("/etc/signify"))
 # The packages the mail server needs on top of base (OpenSMTPD is in base); quirks first, as
 # pkg_add itself wants it.
 PACKAGES = ("quirks", "dovecot", "dovecot-pigeonhole", "rspamd", "opensmtpd-filter-rspamd", "redis")
@@ -75,28 +77,62 @@ def _signify() -> str:
     return exe
 
 
-def release_key(version: str, kind: str = "base", key_file: str | Path | None = None) -> Path:
-    """The signify public key for `version` ('base' for sets, 'pkg' for packages).
+@dataclass(frozen=True)
+class ReleaseKey:
+    path: Path
+    source: str     # where it came from, for the manifest: see find_release_key
 
-    A key the user names (openbsd.signify_key, resolved by the caller) wins for the sets; the
-    package key is looked for beside it (same name with -pkg), then in Debian's
-    signify-openbsd-keys."""
+
+def release_key(version: str, kind: str = "base", key_file: str | Path | None = None,
+                debian_mirror: str | None = None, log=None) -> Path:
+    """The path of the signify public key for `version`; see find_release_key."""
+    return find_release_key(version, kind, key_file, debian_mirror, log).path
+
+
+def find_release_key(version: str, kind: str = "base", key_file: str | Path | None = None,
+                     debian_mirror: str | None = None, log=None) -> ReleaseKey:
+    """The signify public key for `version` ('base' for sets, 'pkg' for packages), looked for in
+    this order:
+
+    1. the key the user names (openbsd.signify_key, resolved by the caller) for the sets; the
+       package key beside it (the same name with -pkg instead of -base);
+    2. the host's signify-openbsd-keys package (DEBIAN_KEYS), then /etc/signify;
+    3. Debian trixie's signify-openbsd-keys .deb, fetched and verified from `debian_mirror` (the
+       site's debian.mirror), else the Debian mirror of the host's apt sources
+       (builder.openbsd.debkeys).
+    The error names the version, the key file and everything tried."""
     name = f"openbsd-{short_version(version)}-{kind}.pub"
-    candidates: list[Path] = []
+    candidates: list[tuple[Path, str]] = []
     if key_file:
         key_file = Path(key_file)
         if kind == "base":
-            candidates.append(key_file)
+            candidates.append((key_file, "site file (openbsd.signify_key)"))
         elif key_file.name.endswith("-base.pub"):
-            candidates.append(key_file.with_name(key_file.name[: -len("base.pub")] + f"{kind}.pub"))
-    candidates += [DEBIAN_KEYS / name, Path("/etc/signify") / name]
-    for c in candidates:
-        if c.is_file():
-            return c
-    looked = ", ".join(str(c) for c in candidates)
+            candidates.append((key_file.with_name(key_file.name[: -len("base.pub")] + f"{kind}.pub"),
+                               "site file (beside openbsd.signify_key)"))
+    candidates += [(d / name, f"host ({d})") for d in HOST_KEY_DIRS]
+    for path, source in candidates:
+        if path.is_file():
+            return ReleaseKey(path, source)
+    tried = [f"{path}: not there" for path, _ in candidates]
+    from . import debkeys
+    from ..hostinfo import host_debian_mirror
+    mirror = debian_mirror or host_debian_mirror()
+    what = f"Debian {debkeys.SUITE}'s {debkeys.PACKAGE} package"
+    if not mirror:
+        tried.append(f"{what}: no Debian mirror (set debian.mirror in the site file or configure "
+                     f"one in the host's apt sources)")
+    else:
+        try:
+            got = debkeys.fetch_key(name, mirror, log=log or (lambda _: None))
+            return ReleaseKey(got.path, got.source)
+        except MkMailImageError as e:        # the chain failed, gpgv missing, not in the package
+            where = "the site's debian.mirror" if debian_mirror else "the host's Debian mirror"
+            tried.append(f"{what} from {where}: {e}")
     raise OpenBSDSetError(
-        f"no signify key {name} for OpenBSD {version} (looked at {looked}); install a "
-        f"signify-openbsd-keys package that ships it, or set openbsd.signify_key in the site file")
+        f"no signify key {name} for OpenBSD {version}; tried: {'; '.join(tried)}. Install a "
+        f"signify-openbsd-keys package that ships {name}, or name the key file in openbsd.signify_key "
+        f"in the site file (the -pkg key beside it)")
 
 
 # -- sources -----------------------------------------------------------------------------------
