@@ -208,7 +208,7 @@ def _openbsd(site) -> dict:
     try:
         src = sets.source_for(o.version, o.mirror, o.sets_dir)
         key_file = (site.path.parent / o.signify_key) if o.signify_key else None   # relative to the site file
-        key = sets.release_key(o.version, "base", key_file)
+        key = sets.release_key(o.version, "base", key_file, site.model.debian.mirror)
         sig, table = sets.signed_table(src.sets, src.is_dir, key, f"OpenBSD {o.version}")
         wanted = sets.set_names(o.version)
         lacking = [n for n in wanted if n not in table]

@@ -61,6 +61,8 @@ def test_stage_release_and_site_set_make_the_tree_the_installer_reads(tmp_path, 
         sorted(set(SETS) | {"SHA256.sig", "site78.tgz"})
     pk = served / "pub/OpenBSD/7.8/packages/amd64"
     assert release["package_order"][0] == "quirks-7.103.tgz"
+    assert (release["signify_key_source"], release["signify_pkg_key_source"]) == \
+        ("site file (openbsd.signify_key)", "site file (beside openbsd.signify_key)")
     assert set(release["package_order"]) <= {f.name for f in pk.iterdir()}
     listing = (pk / "index.html").read_text()
     assert all(f'<a href="{n}">' in listing for n in release["package_order"])

@@ -50,13 +50,14 @@ def signify_key_file(site: Site) -> Path | None:
     return (site.path.parent / key) if key else None
 
 
-def stage_release(site: Site, served: Path, tftp: Path, use_cache: bool = True) -> dict:
+def stage_release(site: Site, served: Path, tftp: Path, use_cache: bool = True, log=None) -> dict:
     """Verified boot files, sets and packages under `served` (HTTP) and `tftp`; returns facts
     for the manifest."""
     o = site.model.openbsd
     src = sets.source_for(o.version, o.mirror, o.sets_dir)
-    base_key = sets.release_key(o.version, "base", signify_key_file(site))
-    pkg_key = sets.release_key(o.version, "pkg", signify_key_file(site))
+    base = sets.find_release_key(o.version, "base", signify_key_file(site), site.model.debian.mirror, log)
+    pkg = sets.find_release_key(o.version, "pkg", signify_key_file(site), site.model.debian.mirror, log)
+    base_key, pkg_key = base.path, pkg.path
     sets_dir = served / answers.server_dir(o.version)
     names = list(dict.fromkeys(sets.BOOT_FILES + sets.set_names(o.version)))
     verified = sets.stage(src.sets, src.is_dir, base_key, names, sets_dir, "sets", use_cache)
@@ -76,6 +77,8 @@ def stage_release(site: Site, served: Path, tftp: Path, use_cache: bool = True) 
     return {
         "source": o.mirror or f"local directory ({Path(o.sets_dir).name})",
         "signify_key": base_key.name,
+        "signify_key_source": base.source,
+        "signify_pkg_key_source": pkg.source,
         "sha256_sig": sets.sha256_file(sets_dir / "SHA256.sig"),
         "sets": verified.files,
         "packages": {f: sets.sha256_file(pkg_dir / f) for f in pkg_files},
@@ -182,7 +185,8 @@ def manifest(site: Site, name: str, release: dict, tree: Tree, site_tgz: Path, s
                  "domain": site.domain, "hostname": site.hostname},
         "inputs": {
             "version": o.version, "arch": sets.ARCH, "source": release["source"],
-            "signify_key": release["signify_key"], "sha256_sig": release["sha256_sig"],
+            "signify_key": release["signify_key"], "signify_key_source": release["signify_key_source"],
+            "signify_pkg_key_source": release["signify_pkg_key_source"], "sha256_sig": release["sha256_sig"],
             "sets": release["sets"], "site_set": {site_tgz.name: sets.sha256_file(site_tgz)},
             "install_conf_sha256": sets.sha256_file(served / "install.conf"),
             "disklabel_sha256": sets.sha256_file(served / answers.DISKLABEL_NAME),
@@ -218,7 +222,8 @@ def build_openbsd(site: Site, args) -> Path:
         try:
             served, tftp = workdir / "served", workdir / "tftp"
             with progress.stage("verify sets", f"OpenBSD {o.version}/{sets.ARCH}"):
-                release = stage_release(site, served, tftp, use_cache=not getattr(args, "no_cache", False))
+                release = stage_release(site, served, tftp, use_cache=not getattr(args, "no_cache", False),
+                                        log=progress.say)
                 if lock is not None:
                     check_locked(release, ob_lock, lock.path)
             with progress.stage("site set"):
