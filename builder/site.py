@@ -397,6 +397,7 @@ def load_site(path: str | Path) -> Site:
     _check_aliases_resolve(site, marked, name, errors)
     _load_dkim_keys(site, marked, name, errors)
     _load_acme_ca(site, marked, name, errors)
+    _check_signify_key(site, marked, name, errors)
     if errors:
         raise SiteErrors(errors)
     return site
@@ -472,6 +473,32 @@ def _load_dkim_keys(site: Site, marked, name: str, errors: list[SiteError]) -> N
             errors.append(_error_at(marked, name, where, f"{key_path} is not an ed25519 key"))
         else:
             site.dkim_keys[sel.name] = pem
+
+
+def _check_signify_key(site: Site, marked, name: str, errors: list[SiteError]) -> None:
+    """openbsd.signify_key: a key the user names must be there and be a signify public key, not
+    silently replaced by another source's key."""
+    import base64
+    import binascii
+    rel = site.model.openbsd.signify_key
+    if rel is None:
+        return
+    where = ("openbsd", "signify_key")
+    key_path = site.path.parent / rel
+    try:
+        lines = key_path.read_text(encoding="ascii").splitlines()
+        blob = base64.b64decode(lines[1], validate=True) if len(lines) >= 2 else b""
+    except FileNotFoundError:
+        errors.append(_error_at(marked, name, where, f"signify public key {key_path} does not exist"))
+        return
+    except (UnicodeDecodeError, binascii.Error, OSError):
+        blob = b""
+    # signify's public key file: an "untrusted comment:" line, then base64 of "Ed" + 8-byte key
+    # number + 32-byte Ed25519 key
+    if not (lines and lines[0].startswith("untrusted comment:") and len(blob) == 42
+            and blob.startswith(b"Ed")):
+        errors.append(_error_at(marked, name, where, f"{key_path} is not a signify public key "
+                                "(as made by `signify-openbsd -G`, e.g. openbsd-78-base.pub)"))
 
 
 def _load_acme_ca(site: Site, marked, name: str, errors: list[SiteError]) -> None:

@@ -119,6 +119,30 @@ def test_missing_dkim_key_is_named(site_dir, tmp_path):
         load_site(path)
 
 
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    ("not a key\n", "is not a signify public key"),
+    ("untrusted comment: x\nRWQ=\n", "is not a signify public key"),
+])
+def test_named_signify_key_must_be_a_signify_public_key(site_dir, tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "release.pub").write_text(content)
+    path = write_variant(site_dir, tmp_path, lambda t: t.replace(
+        'version: "7.8"', 'version: "7.8"\n  signify_key: release.pub', 1))
+    with pytest.raises(SiteError, match=message) as exc:
+        load_site(path)
+    assert exc.value.field == "openbsd.signify_key"
+    assert exc.value.line == line_of(path.read_text(), "signify_key:")
+
+
+def test_named_signify_key_made_by_signify_is_accepted(site_dir, tmp_path):
+    subprocess.run(["signify-openbsd", "-G", "-n", "-p", str(tmp_path / "release.pub"),
+                    "-s", str(tmp_path / "release.sec")], check=True, capture_output=True)
+    path = write_variant(site_dir, tmp_path, lambda t: t.replace(
+        'version: "7.8"', 'version: "7.8"\n  signify_key: release.pub', 1))
+    assert load_site(path).model.openbsd.signify_key == "release.pub"
+
+
 def test_yaml_syntax_error_has_line_and_column(tmp_path):
     p = tmp_path / "site.yaml"
     p.write_text("domain: a.test\nusers: [\n  - x\n")
