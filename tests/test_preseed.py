@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -272,6 +273,29 @@ def test_mirror_proxy_passes_files_and_records_misses(tmp_path):
     assert ("/elsewhere", 404, None) in failed
 
 
+def test_mirror_proxy_names_an_index_that_differs_from_the_signed_release(tmp_path):
+    """The installer refuses such an index with only "Downloading a file failed"; the proxy
+    (given the signed InRelease's sums) says which file it was. The client still gets the bytes."""
+    index = tmp_path / "archive/dists/trixie/main/binary-amd64"
+    index.mkdir(parents=True)
+    (index / "Packages").write_text("Package: stale\n")
+    (index / "Packages.gz").write_text("fine\n")
+    signed = {"/debian/dists/trixie/main/binary-amd64/Packages": hashlib.sha256(b"Package: fresh\n").hexdigest(),
+              "/debian/dists/trixie/main/binary-amd64/Packages.gz": hashlib.sha256(b"fine\n").hexdigest()}
+    with FileServer(tmp_path) as up:
+        routes = {"/debian": f"http://127.0.0.1:{up.port}/archive"}
+        with MirrorProxy(routes, signed=signed) as px:
+            base = f"http://127.0.0.1:{px.port}/debian/dists/trixie/main/binary-amd64"
+            assert urllib.request.urlopen(f"{base}/Packages").read() == b"Package: stale\n"
+            assert urllib.request.urlopen(f"{base}/Packages.gz").read() == b"fine\n"
+    failed = px.failed()
+    assert [r.path for r in failed] == ["/debian/dists/trixie/main/binary-amd64/Packages"]
+    got = hashlib.sha256(b"Package: stale\n").hexdigest()
+    assert failed[0].describe() == (f"{routes['/debian']}/dists/trixie/main/binary-amd64/Packages (sha256 "
+                                    f"{got[:16]}... differs from the signed InRelease's "
+                                    f"{signed[failed[0].path][:16]}...)")
+
+
 # -- the netboot package ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -371,12 +395,18 @@ def _qemu_running(marker: str) -> list[str]:
     return out
 
 
+# This machine's mirror lacks udebs (HTTP 404) or serves an installer index that differs from its
+# signed InRelease: either way the error must name the file, not just repeat d-i's question.
+NAMED_DOWNLOAD_FAILURE = re.compile(r"failed downloads:\n  http\S+/debian/\S+ \((HTTP 404|sha256 \S+ "
+                                    r"differs from the signed InRelease's \S+)\)")
+
+
 @pytest.mark.vm
 @needs_mirror
 def test_preseed_install_runs_to_the_end_or_names_what_stopped_it(tmp_path):
     """On a complete mirror the install finishes (late command reported, machine powered off,
     a partitioned disk). On this CI machine the mirror lacks installer udebs: the build must
-    stop with InstallerDownloadFailed naming the missing .udeb URL. Any other outcome (an
+    stop with InstallerDownloadFailed naming the file it could not use. Any other outcome (an
     unanswered question, a stall) fails the test. Bounded by the install deadline."""
     site = make_site(tmp_path)
     disk = tmp_path / "disk.raw"
@@ -388,7 +418,7 @@ def test_preseed_install_runs_to_the_end_or_names_what_stopped_it(tmp_path):
                         progress=_Collect(said), deadline=60 * 60, stall_timeout=20 * 60)
     except diconsole.InstallerDownloadFailed as e:
         msg = str(e)
-        assert ".udeb (HTTP 404)" in msg, msg
+        assert NAMED_DOWNLOAD_FAILURE.search(msg), msg
         assert "Download installer components" in msg
     else:
         assert "installer: finished, machine powered off" in said
@@ -493,7 +523,8 @@ def test_build_command_with_preseed_site_publishes_only_a_complete_image(tmp_pat
         assert "a.test.qcow2" in left and "SHA256SUMS" in left, proc.stdout
     else:
         assert proc.returncode == 3, proc.stderr
-        assert ".udeb (HTTP 404)" in proc.stderr and "Download installer components" in proc.stderr
+        assert "Download installer components" in proc.stderr, proc.stderr
+        assert NAMED_DOWNLOAD_FAILURE.search(proc.stderr), proc.stderr
         assert "installer: Checking the Debian archive mirror 100%" in proc.stderr
         assert left == ["a.test.installer-serial.log"], left
         assert (out / "a.test.installer-serial.log").stat().st_size > 1000   # the console, kept

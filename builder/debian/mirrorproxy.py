@@ -7,13 +7,17 @@ it is asked for. Side effects that matter: the guest needs no DNS, the installed
 sees the build host's mirror name, and every file the installer could not get is recorded
 with its real URL and status, so a failed download is reported by name.
 
-    with MirrorProxy({"/debian": "http://mirror/debian"}) as px:
+Index files whose sha256 the builder knows from the suite's signed InRelease (`signed`) are
+hashed as they pass: a mirror whose index does not match its own signature makes the installer
+refuse it with only "Downloading a file failed", so the proxy records which file it was.
+
+    with MirrorProxy({"/debian": "http://mirror/debian"}, signed={path: sha256}) as px:
         px.port, px.requests, px.failed()
 """
 from __future__ import annotations
 
+import hashlib
 import http.server
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -29,11 +33,20 @@ class ProxiedRequest:
     path: str
     status: int
     url: str | None         # the upstream URL, None when the path matched no route
+    problem: str | None = None   # why a delivered file is still a failure
+
+    @property
+    def failed(self) -> bool:
+        return self.status >= 400 or self.problem is not None
+
+    def describe(self) -> str:
+        return f"{self.url or self.path} ({self.problem or f'HTTP {self.status}'})"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mkmailimage-mirror"
     routes: dict[str, str] = {}
+    signed: dict[str, str] = {}          # proxied path -> sha256 from the signed InRelease
     log: list[ProxiedRequest] = []
 
     def do_GET(self):
@@ -61,17 +74,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(502, f"upstream: {getattr(e, 'reason', e)}")
             return
         with resp:
-            self._record(path, resp.status, url)
             self.send_response(resp.status)
             for header in ("Content-Type", "Content-Length", "Last-Modified", "ETag"):
                 if resp.headers.get(header):
                     self.send_header(header, resp.headers[header])
             self.end_headers()
-            if send_body:
-                try:
-                    shutil.copyfileobj(resp, self.wfile, 1 << 16)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+            want = self.signed.get(path) if send_body else None
+            digest = hashlib.sha256()
+            try:
+                while send_body and (block := resp.read(1 << 16)):
+                    digest.update(block)
+                    self.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                want = None                 # the client left: nothing to judge
+            problem = None
+            if want and digest.hexdigest() != want:
+                problem = f"sha256 {digest.hexdigest()[:16]}... differs from the signed InRelease's {want[:16]}..."
+            self._record(path, resp.status, url, problem)
 
     def _upstream(self, path: str) -> str | None:
         # longest prefix first: /debian-security must not match /debian
@@ -80,19 +99,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self.routes[prefix].rstrip("/") + path[len(prefix):]
         return None
 
-    def _record(self, path: str, status: int, url: str | None) -> None:
-        self.log.append(ProxiedRequest(self.command, path, status, url))
+    def _record(self, path: str, status: int, url: str | None, problem: str | None = None) -> None:
+        self.log.append(ProxiedRequest(self.command, path, status, url, problem))
 
     def log_message(self, format, *args):  # the build output stays clean
         pass
 
 
 class MirrorProxy:
-    """Context manager serving `routes` (path prefix -> upstream URL) on 127.0.0.1."""
+    """Context manager serving `routes` (path prefix -> upstream URL) on 127.0.0.1; `signed`
+    maps proxied paths to the sha256 their signed Release gives."""
 
-    def __init__(self, routes: dict[str, str], host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, routes: dict[str, str], host: str = "127.0.0.1", port: int = 0,
+                 signed: dict[str, str] | None = None):
         self.requests: list[ProxiedRequest] = []
-        handler = type("Handler", (_Handler,), {"routes": dict(routes), "log": self.requests})
+        handler = type("Handler", (_Handler,), {"routes": dict(routes), "log": self.requests,
+                                                "signed": dict(signed or {})})
         self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="mkmailimage-mirror",
@@ -103,7 +125,7 @@ class MirrorProxy:
         return self._httpd.server_address[1]
 
     def failed(self) -> list[ProxiedRequest]:
-        return [r for r in self.requests if r.status >= 400]
+        return [r for r in self.requests if r.failed]
 
     def __enter__(self) -> "MirrorProxy":
         self._thread.start()

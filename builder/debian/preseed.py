@@ -36,7 +36,7 @@ from .. import paths
 from ..errors import BuildError, ToolMissing
 from ..render import OS_FACTS, OWNERS_FILE, Entry, Tree
 from ..site import Site
-from . import diconsole, netboot
+from . import archive, diconsole, netboot
 from .diconsole import (InstallerCrashed, InstallerDownloadFailed, InstallerError,  # noqa: F401
                         InstallerExited, InstallerStalled, LateCommandFailed,
                         PreseedUnansweredQuestion)
@@ -86,10 +86,11 @@ def upstream_mirrors(site: Site) -> dict[str, str]:
     from .bootstrap import build_mirror
     from .sources import security_from_archive
     d = site.model.debian
-    archive = build_mirror(d.mirror)
-    if not archive.startswith(("http://", "https://")):
-        raise BuildError(f"debian.mirror: the installer fetches over http(s), not '{archive}'")
-    return {"/debian": archive, "/debian-security": d.security_mirror or security_from_archive(archive)}
+    archive_url = build_mirror(d.mirror)
+    if not archive_url.startswith(("http://", "https://")):
+        raise BuildError(f"debian.mirror: the installer fetches over http(s), not '{archive_url}'")
+    return {"/debian": archive_url,
+            "/debian-security": d.security_mirror or security_from_archive(archive_url)}
 
 
 def guest_mirror() -> str:
@@ -282,7 +283,10 @@ def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Pa
     base_url = f"http://{FILES_ADDR}"
     write_served_dir(site, tree, served, base_url)
     log_path = workdir / "installer-serial.log"
-    with FileServer(served) as files, MirrorProxy(routes) as mirror:
+    suite = site.model.debian.suite
+    signed = {f"/debian/dists/{suite}/{name}": sha
+              for name, (sha, _size) in archive.verified_release(routes["/debian"], suite)["SHA256"].items()}
+    with FileServer(served) as files, MirrorProxy(routes, signed=signed) as mirror:
         relay = f"cmd:{sys.executable} -m builder.openbsd.relay 127.0.0.1"
         spec = QemuSpec(disks=[Disk(disk_path)], kernel=nb.kernel, initrd=nb.initrd,
                         append=append or kernel_append(site, base_url), memory=MEMORY, smp=SMP,
@@ -292,7 +296,7 @@ def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Pa
         say(f"installer: booting {nb.package} {nb.version} (serial log {log_path})")
 
         def failed_downloads() -> list[str]:
-            urls = [f"{r.url} (HTTP {r.status})" for r in mirror.failed() if r.url]
+            urls = [r.describe() for r in mirror.failed() if r.url]
             urls += [f"{base_url}{p} (HTTP {code})" for _, p, code in files.requests
                      if isinstance(code, int) and code >= 400 and not p.startswith("/status/")]
             return list(dict.fromkeys(urls))
