@@ -14,7 +14,8 @@ is verified:
      crossing the wire) and dd skips the all-zero blocks (`conv=sparse`) instead of writing them;
      otherwise dd writes every block;
   5. read the whole image's range of the disk back on the remote side (`dd | sha256sum`, every
-     byte, skipped blocks included) and compare with the sha256 of the bytes sent.
+     byte, skipped blocks included; GNU dd reads with O_DIRECT, past the page cache) and compare
+     with the sha256 of the bytes sent.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import base64
 import getpass
 import hashlib
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -500,18 +502,31 @@ def stream_image(client: paramiko.SSHClient, target: Target, raw: Path, size: in
     return hasher.hexdigest()
 
 
-def read_back(remote: Remote, dev: str, size: int) -> str:
-    # Drop the device's page cache first so the hash comes from the disk, not from memory.
-    remote.run(f"blockdev --flushbufs {shlex.quote(dev)}", check=False)
+def read_back(remote: Remote, dev: str, size: int, gnu_dd: bool = False) -> str:
+    """sha256 of the first SIZE bytes of DEV, computed on the remote side from the disk itself.
+    GNU_DD: the remote dd is GNU dd (can_write_sparse said so), which reads with O_DIRECT and
+    count_bytes."""
     q = shlex.quote(dev)
-    # head -c reads 8 KiB at a time; dd with 4 MiB blocks needs 500 times fewer system calls,
-    # which matters on slow rescue systems. Images are normally whole MiBs.
-    if size % (4 << 20) == 0:
-        cmd = f"dd if={q} bs=4M count={size >> 22} 2>/dev/null | sha256sum"
+    # Drop the device's page cache first so the hash comes from the disk, not from memory.
+    remote.run(f"blockdev --flushbufs {q}", check=False)
+    # Measured in a TCG guest (qemu64 CPU, 256 MiB from a virtio disk, best of two): dd bs=4M |
+    # sha256sum 23 s, the same with iflag=direct 16 s, openssl dgst -sha256 instead of sha256sum
+    # 26-35 s; the hash is the cost (dd alone reads 1 GiB in 1 s with iflag=direct, 8 s without).
+    if gnu_dd and size % 512 == 0:
+        # O_DIRECT: blocks go from the disk straight into dd's buffer, past the page cache (one
+        # copy less per byte, and nothing cached to be mistaken for the disk).
+        src = f"dd if={q} bs=4M iflag=direct,count_bytes count={size} status=none"
+    elif size % (4 << 20) == 0:
+        # head -c reads 8 KiB at a time; dd with 4 MiB blocks needs 500 times fewer system
+        # calls, which matters on slow rescue systems. Images are normally whole MiBs.
+        src = f"dd if={q} bs=4M count={size >> 22} 2>/dev/null"
     else:
-        cmd = f"head -c {size} {q} | sha256sum"
-    _, out, _ = remote.run(cmd, timeout=None)
-    return out.split()[0]
+        src = f"head -c {size} {q}"
+    _, out, _ = remote.run(f"{src} | sha256sum", timeout=None)
+    found = re.match(r"[0-9a-f]{64}\b", out)
+    if not found:
+        raise UploadError(f"{remote.target}: sha256sum printed no sha256: {out.strip()[:200]!r}")
+    return found.group(0)
 
 
 # ---------------------------------------------------------------- command
@@ -543,14 +558,16 @@ def upload(image: Path, ssh: str, disk: str, identity: Path | None = None,
             _confirm(target, facts, image, info.virtual_size)
         method = next(m for m in ("zstd", "gzip", "plain")
                       if m == "plain" or (remote.has(m) and _local_has(m)))
-        sparse = can_write_sparse(remote, info.virtual_size) and \
-            zero_range(remote, facts.path, info.virtual_size)
+        gnu_dd = can_write_sparse(remote, info.virtual_size)
+        sparse = gnu_dd and zero_range(remote, facts.path, info.virtual_size)
         print(f"writing {image} ({_human(info.virtual_size)}) to {target}:{facts.path}, "
               f"{method} on the wire{', zero blocks skipped' if sparse else ''}", file=sys.stderr)
         with raw_view(info, image.parent) as raw:
             sent = stream_image(client, target, raw, info.virtual_size, facts.path, method, sparse)
         print(f"verifying: reading {facts.path} back on {target.host} ...", file=sys.stderr)
-        on_disk = read_back(remote, facts.path, info.virtual_size)
+        started = time.monotonic()
+        on_disk = read_back(remote, facts.path, info.virtual_size, gnu_dd)
+        print(f"read back {_human(info.virtual_size)} in {time.monotonic() - started:.0f} s", file=sys.stderr)
         if on_disk != sent:
             raise UploadError(f"{target}: verification FAILED: {facts.path} reads back as {on_disk}, "
                               f"the image is {sent} -- NOT done")

@@ -24,7 +24,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from builder.upload import UploadError, _human, _writer_script, can_write_sparse, fingerprint, parse_target
+from builder.upload import (UploadError, _human, _writer_script, can_write_sparse, fingerprint, parse_target,
+                            read_back)
 
 SSHD = "/usr/sbin/sshd"
 
@@ -149,6 +150,25 @@ def test_can_write_sparse(tmp_path):
     (only / "dd").unlink(missing_ok=True)
     (only / "dd").symlink_to(shutil.which("dd", path=system))
     assert not can_write_sparse(LocalShell(str(only)), 4 << 20)          # no blkdiscard
+
+
+@pytest.mark.parametrize("size", [(8 << 20) + 4096, 8 << 20, (8 << 20) + 100])
+@pytest.mark.parametrize("gnu_dd", [True, False])
+def test_read_back_hashes_exactly_size_bytes(tmp_path, size, gnu_dd):
+    """The read-back command (local sh, a file as the disk, real dd/head and sha256sum) hashes
+    the first SIZE bytes and nothing after them, on each of its paths: O_DIRECT + count_bytes
+    (GNU dd, whole sectors), dd by 4 MiB, head -c."""
+    import shutil
+    system = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("sh", "dd", "head", "blockdev", "sha256sum"):
+        if shutil.which(tool, path=system):
+            (bin_ / tool).symlink_to(shutil.which(tool, path=system))
+    disk = tmp_path / "disk"
+    data = os.urandom(size) + os.urandom(4096)          # bytes past SIZE must not count
+    disk.write_bytes(data)
+    assert read_back(LocalShell(str(bin_)), str(disk), size, gnu_dd) == hashlib.sha256(data[:size]).hexdigest()
 
 
 # ---------------------------------------------------------------- host sshd stand-in (no VM)
