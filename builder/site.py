@@ -485,6 +485,7 @@ def _check_signify_key(site: Site, marked, name: str, errors: list[SiteError]) -
         return
     where = ("openbsd", "signify_key")
     key_path = site.path.parent / rel
+    lines: list[str] = []
     try:
         lines = key_path.read_text(encoding="ascii").splitlines()
         blob = base64.b64decode(lines[1], validate=True) if len(lines) >= 2 else b""

@@ -123,6 +123,7 @@ def test_missing_dkim_key_is_named(site_dir, tmp_path):
     (None, "does not exist"),
     ("not a key\n", "is not a signify public key"),
     ("untrusted comment: x\nRWQ=\n", "is not a signify public key"),
+    ("untrusted comment: \u00e9\n", "is not a signify public key"),
 ])
 def test_named_signify_key_must_be_a_signify_public_key(site_dir, tmp_path, content, message):
     if content is not None:
