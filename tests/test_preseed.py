@@ -296,6 +296,34 @@ def test_mirror_proxy_names_an_index_that_differs_from_the_signed_release(tmp_pa
                                     f"{signed[failed[0].path][:16]}...)")
 
 
+def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path):
+    """d-i's net-retriever fetches Release then Release.gpg and refuses a bad signature with
+    only "Downloading a file failed" (seen on this machine's mirror); the proxy names it."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--quiet", "--homedir", str(home)]
+    subprocess.run(gpg + ["--passphrase", "", "--quick-gen-key", "Test Archive <archive@a.test>",
+                          "ed25519", "sign", "never"], check=True, capture_output=True)
+    keyring = tmp_path / "archive.gpg"
+    keyring.write_bytes(subprocess.run(gpg + ["--export"], check=True, capture_output=True).stdout)
+    for suite, release in (("good", b"Suite: good\n"), ("bad", b"Suite: bad\n")):
+        d = tmp_path / "archive/dists" / suite
+        d.mkdir(parents=True)
+        (d / "Release").write_bytes(release)
+        subprocess.run(gpg + ["--detach-sign", "--output", str(d / "Release.gpg"), str(d / "Release")],
+                       check=True, capture_output=True)
+    (tmp_path / "archive/dists/bad/Release").write_bytes(b"Suite: bad, changed after signing\n")
+    with FileServer(tmp_path) as up:
+        routes = {"/debian": f"http://127.0.0.1:{up.port}/archive"}
+        with MirrorProxy(routes, keyring=keyring) as px:
+            for suite in ("good", "bad"):
+                for name in ("Release", "Release.gpg"):
+                    urllib.request.urlopen(f"http://127.0.0.1:{px.port}/debian/dists/{suite}/{name}").read()
+    failed = px.failed()
+    assert [r.path for r in failed] == ["/debian/dists/bad/Release.gpg"], failed
+    assert "does not verify the Release served with it: BAD signature" in failed[0].describe()
+
+
 # -- the netboot package ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -395,10 +423,12 @@ def _qemu_running(marker: str) -> list[str]:
     return out
 
 
-# This machine's mirror lacks udebs (HTTP 404) or serves an installer index that differs from its
-# signed InRelease: either way the error must name the file, not just repeat d-i's question.
+# This machine's mirror has lacked udebs (HTTP 404), and has served an installer index that differs
+# from its signed InRelease and a Release.gpg that does not verify its Release: whichever it is
+# that day, the error must name the file and the cause, not just repeat d-i's question.
 NAMED_DOWNLOAD_FAILURE = re.compile(r"failed downloads:\n  http\S+/debian/\S+ \((HTTP 404|sha256 \S+ "
-                                    r"differs from the signed InRelease's \S+)\)")
+                                    r"differs from the signed InRelease's \S+|does not verify the "
+                                    r"Release served with it: [^)]+)\)")
 
 
 @pytest.mark.vm
@@ -525,7 +555,7 @@ def test_build_command_with_preseed_site_publishes_only_a_complete_image(tmp_pat
         assert proc.returncode == 3, proc.stderr
         assert "Download installer components" in proc.stderr, proc.stderr
         assert NAMED_DOWNLOAD_FAILURE.search(proc.stderr), proc.stderr
-        assert "installer: Checking the Debian archive mirror 100%" in proc.stderr
+        assert "installer: Checking the Debian archive mirror" in proc.stderr, proc.stderr
         assert left == ["a.test.installer-serial.log"], left
         assert (out / "a.test.installer-serial.log").stat().st_size > 1000   # the console, kept
     assert not _qemu_running(str(out))

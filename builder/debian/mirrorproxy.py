@@ -8,8 +8,9 @@ sees the build host's mirror name, and every file the installer could not get is
 with its real URL and status, so a failed download is reported by name.
 
 Index files whose sha256 the builder knows from the suite's signed InRelease (`signed`) are
-hashed as they pass: a mirror whose index does not match its own signature makes the installer
-refuse it with only "Downloading a file failed", so the proxy records which file it was.
+hashed as they pass, and Release.gpg is checked against the Release it signs: a mirror whose
+files do not match their signatures makes the installer refuse them with only "Downloading a
+file failed", so the proxy records which file it was and why.
 
     with MirrorProxy({"/debian": "http://mirror/debian"}, signed={path: sha256}) as px:
         px.port, px.requests, px.failed()
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import subprocess
+import tempfile
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 TIMEOUT = 120
@@ -43,10 +47,24 @@ class ProxiedRequest:
         return f"{self.url or self.path} ({self.problem or f'HTTP {self.status}'})"
 
 
+def _detached_signature_problem(release: bytes, signature: bytes, keyring: Path) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="mkmailimage-release-") as tmp:
+        (Path(tmp) / "Release").write_bytes(release)
+        (Path(tmp) / "Release.gpg").write_bytes(signature)
+        r = subprocess.run(["gpgv", "--keyring", str(keyring), str(Path(tmp) / "Release.gpg"),
+                            str(Path(tmp) / "Release")], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    said = [line.removeprefix("gpgv: ").strip() for line in r.stderr.splitlines() if line.strip()]
+    return f"does not verify the Release served with it: {said[-1] if said else 'gpgv failed'}"
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mkmailimage-mirror"
     routes: dict[str, str] = {}
     signed: dict[str, str] = {}          # proxied path -> sha256 from the signed InRelease
+    keyring: Path | None = None          # checks Release.gpg against the Release served before it
+    releases: dict[str, bytes] = {}
     log: list[ProxiedRequest] = []
 
     def do_GET(self):
@@ -79,18 +97,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if resp.headers.get(header):
                     self.send_header(header, resp.headers[header])
             self.end_headers()
-            want = self.signed.get(path) if send_body else None
-            digest = hashlib.sha256()
+            digest, kept, complete = hashlib.sha256(), bytearray(), send_body
+            # Release and Release.gpg are kept (small) to check the one against the other
+            keep = path.endswith(("/Release", "/Release.gpg"))
             try:
                 while send_body and (block := resp.read(1 << 16)):
                     digest.update(block)
+                    if keep:
+                        kept += block
                     self.wfile.write(block)
             except (BrokenPipeError, ConnectionResetError):
-                want = None                 # the client left: nothing to judge
-            problem = None
-            if want and digest.hexdigest() != want:
-                problem = f"sha256 {digest.hexdigest()[:16]}... differs from the signed InRelease's {want[:16]}..."
+                complete = False            # the client left: nothing to judge
+            problem = self._judge(path, digest.hexdigest(), bytes(kept)) if complete else None
             self._record(path, resp.status, url, problem)
+
+    def _judge(self, path: str, sha256: str, kept: bytes) -> str | None:
+        """Why a file delivered whole is unusable to the installer, or None."""
+        want = self.signed.get(path)
+        if want and sha256 != want:
+            return f"sha256 {sha256[:16]}... differs from the signed InRelease's {want[:16]}..."
+        if path.endswith("/Release"):
+            self.releases[path] = kept
+        elif path.endswith("/Release.gpg") and self.keyring and path[:-4] in self.releases:
+            return _detached_signature_problem(self.releases[path[:-4]], kept, self.keyring)
+        return None
 
     def _upstream(self, path: str) -> str | None:
         # longest prefix first: /debian-security must not match /debian
@@ -108,13 +138,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class MirrorProxy:
     """Context manager serving `routes` (path prefix -> upstream URL) on 127.0.0.1; `signed`
-    maps proxied paths to the sha256 their signed Release gives."""
+    maps proxied paths to the sha256 their signed Release gives; with `keyring`, each
+    Release.gpg is checked against the Release it follows (what the installer does)."""
 
     def __init__(self, routes: dict[str, str], host: str = "127.0.0.1", port: int = 0,
-                 signed: dict[str, str] | None = None):
+                 signed: dict[str, str] | None = None, keyring: Path | None = None):
         self.requests: list[ProxiedRequest] = []
         handler = type("Handler", (_Handler,), {"routes": dict(routes), "log": self.requests,
-                                                "signed": dict(signed or {})})
+                                                "signed": dict(signed or {}), "keyring": keyring,
+                                                "releases": {}})
         self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="mkmailimage-mirror",

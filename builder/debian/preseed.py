@@ -286,7 +286,7 @@ def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Pa
     suite = site.model.debian.suite
     signed = {f"/debian/dists/{suite}/{name}": sha
               for name, (sha, _size) in archive.verified_release(routes["/debian"], suite)["SHA256"].items()}
-    with FileServer(served) as files, MirrorProxy(routes, signed=signed) as mirror:
+    with FileServer(served) as files, MirrorProxy(routes, signed=signed, keyring=archive.KEYRING) as mirror:
         relay = f"cmd:{sys.executable} -m builder.openbsd.relay 127.0.0.1"
         spec = QemuSpec(disks=[Disk(disk_path)], kernel=nb.kernel, initrd=nb.initrd,
                         append=append or kernel_append(site, base_url), memory=MEMORY, smp=SMP,
