@@ -10,6 +10,7 @@ sessions under cache_dir(), so only the first session ever pays for mmdebstrap).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,12 +27,19 @@ class BuiltImage(NamedTuple):
     outputs: dict        # kind -> path (qcow2, raw, manifest, sums)
 
 
-def make_test_site(directory: Path, public_key: str, domain: str = "a.test") -> Path:
+def make_test_site(directory: Path, public_key: str, domain: str = "a.test",
+                   disk_size: str | None = None) -> Path:
+    """An init_site site whose root accepts PUBLIC_KEY; DISK_SIZE (e.g. "2G") replaces the
+    template's debian.disk_size."""
     from builder.initsite import init_site
     init_site(domain, directory / domain, user="alice", password=TEST_PASSWORD,
               out=open(os.devnull, "w"))
     site = directory / domain / "site.yaml"
-    site.write_text(site.read_text().replace("admin_ssh_keys: []", f"admin_ssh_keys:\n  - {public_key}"))
+    text = site.read_text().replace("admin_ssh_keys: []", f"admin_ssh_keys:\n  - {public_key}")
+    if disk_size:
+        text, n = re.subn(r"(?m)^(debian:\n(?:[ \t].*\n|\n)*?[ \t]+disk_size:) \S+", rf"\1 {disk_size}", text)
+        assert n == 1, "the site template has no debian.disk_size line"
+    site.write_text(text)
     return site
 
 
