@@ -18,7 +18,11 @@ from .progress import Progress
 
 def dpkg_packages(tree: Path) -> dict[str, str]:
     """package[:arch] -> version of every installed package in the tree's dpkg status."""
-    status = (Path(tree) / "var/lib/dpkg/status").read_text()
+    return packages_from_status((Path(tree) / "var/lib/dpkg/status").read_text())
+
+
+def packages_from_status(status: str) -> dict[str, str]:
+    """package[:arch] -> version of every installed package in a dpkg status file's text."""
     return dict(sorted((f"{name}:{arch}" if arch not in ("", "all", "amd64") else name, version)
                        for name, arch, version in dpkg_installed(status)))
 

@@ -253,7 +253,7 @@ def layer_status(tar: Path) -> str:
 def installed_from_image(image: Path) -> tuple[list, dict]:
     """dpkg status read from the image's root file system (no boot), plus its build manifest."""
     from .imageread import disk as diskread
-    from .imageread.ext4 import Ext4Reader
+    from .imageread.ext4 import read_text_file
     image = Path(image)
     manifest_file = image.with_name(image.name.rsplit(".", 1)[0] + ".manifest.json")   # NAME.qcow2 -> NAME.manifest.json
     if not manifest_file.exists():
@@ -261,13 +261,9 @@ def installed_from_image(image: Path) -> tuple[list, dict]:
                         "missing; it records the epoch and seed the image was built with")
     build_manifest = json.loads(manifest_file.read_text())
     with diskread.raw_view(image) as raw:
-        _, parts = diskread.partition_table(raw)
-        for part in parts:
-            if diskread.probe(raw, part).get("TYPE") in ("ext4", "ext3", "ext2"):
-                r = Ext4Reader(raw, part.start)
-                text = r.sections(["cat /var/lib/dpkg/status"]).get("cat /var/lib/dpkg/status")
-                if text:
-                    return dpkg_installed("\n".join(text) + "\n"), build_manifest
+        status = read_text_file(raw, "/var/lib/dpkg/status")
+    if status:
+        return dpkg_installed(status), build_manifest
     raise LockError(f"lock --from-image: {image} has no ext4 file system with /var/lib/dpkg/status")
 
 

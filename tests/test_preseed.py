@@ -324,6 +324,30 @@ def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path):
     assert "does not verify the Release served with it: BAD signature" in failed[0].describe()
 
 
+def test_manifest_packages_are_read_from_the_installed_disk(tmp_path):
+    """d-i's disk (here: a swap-typed first partition, ext4 second, as partman may lay it out)
+    is read with debugfs, never mounted, for the manifest's package list."""
+    root = tmp_path / "root"
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "var/lib/dpkg/status").write_text(
+        "Package: opensmtpd\nStatus: install ok installed\nArchitecture: amd64\nVersion: 7.6.0p1-1\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n\n"
+        "Package: dovecot-core\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1:2.4.1+dfsg1-6\n")
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(48 << 20)
+    subprocess.run(["sfdisk", "-q", str(raw)], input="start=2048, size=16384, type=82\nstart=18432, type=83\n",
+                   text=True, check=True)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(root), "-E", f"offset={18432 * 512}",
+                    str(raw), "20M"], check=True)
+    assert preseed.installed_packages(raw) == {"dovecot-core": "1:2.4.1+dfsg1-6", "opensmtpd": "7.6.0p1-1"}
+    empty = tmp_path / "empty.raw"
+    with open(empty, "wb") as f:
+        f.truncate(8 << 20)
+    with pytest.raises(preseed.BuildError, match="no ext4 file system with /var/lib/dpkg/status"):
+        preseed.installed_packages(empty)
+
+
 # -- the netboot package ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -310,6 +310,17 @@ def install(site: Site, rendered_tree: Tree | Path, disk_path: Path, workdir: Pa
 
 # -- the pipeline -------------------------------------------------------------------------------
 
+def installed_packages(raw: Path) -> dict[str, str]:
+    """What the installer put on the disk, from its /var/lib/dpkg/status (read with debugfs,
+    never mounted)."""
+    from ..export_image import packages_from_status
+    from ..imageread.ext4 import read_text_file
+    status = read_text_file(raw, "/var/lib/dpkg/status")
+    if not status:
+        raise BuildError(f"{raw}: the installed disk has no ext4 file system with /var/lib/dpkg/status")
+    return packages_from_status(status)
+
+
 def cmd_build(args) -> int:
     """`mkmailimage build debian SITE --installer preseed`: install into a raw disk in a work
     directory beside the output, then publish qcow2 (+ raw), manifest and SHA256SUMS."""
@@ -358,9 +369,7 @@ def cmd_build(args) -> int:
                                    (workdir / "preseed-served" / "preseed.cfg").read_bytes()).hexdigest(),
                                "image_mirror": site.model.debian.mirror or "Debian's default",
                                "disk_size": site.model.debian.disk_size},
-                    # the installed package list lives in the image (/var/lib/dpkg/status);
-                    # reading it needs the file system, which this pipeline never mounts
-                    "packages": None,
+                    "packages": installed_packages(raw),
                 }
                 outputs = publish(workdir, out_dir, name, raw, manifest, progress,
                                   keep_raw=getattr(args, "raw", False),

@@ -200,3 +200,16 @@ def _parse_stat(lines: list[str]) -> dict:
             else:
                 in_xattrs = False
     return facts
+
+
+def read_text_file(raw: Path, path: str) -> str | None:
+    """PATH's text from the first ext2/3/4 file system of the disk that has it (None if none
+    does): how a pipeline that never mounts its image reads e.g. /var/lib/dpkg/status."""
+    from . import disk as diskread
+    _, parts = diskread.partition_table(raw)
+    for part in parts:
+        if diskread.probe(raw, part).get("TYPE") in ("ext4", "ext3", "ext2"):
+            lines = Ext4Reader(raw, part.start).sections([f"cat {path}"]).get(f"cat {path}")
+            if lines:
+                return "\n".join(lines) + "\n"
+    return None
