@@ -48,6 +48,18 @@ class MachineError(BuildError):
     """The guest did not get where it was asked to within the time-out."""
 
 
+class WaitTimedOut(MachineError):
+    """A wait_* condition did not come true in time (the guest is still up)."""
+
+
+class GuestPanicked(MachineError):
+    """The guest's kernel panicked (its serial console says so): nothing will answer any more."""
+
+
+# What Linux prints on the console when it panics; once seen, waiting longer cannot help.
+KERNEL_PANIC = b"Kernel panic - not syncing"
+
+
 class CommandFailed(MachineError):
     """A guest command ended with an unexpected exit status."""
 
@@ -101,6 +113,8 @@ class Machine:
         self.name = name or (qemu.spec.name if qemu is not None else f"{host}:{self.ssh_port}")
         self._client: paramiko.SSHClient | None = None
         self._os: str | None = None
+        self._log_scanned = 0   # bytes of the serial log already searched for a kernel panic
+        self._panicked = False
 
     def __enter__(self) -> "Machine":
         return self
@@ -146,6 +160,25 @@ class Machine:
         if self.qemu is not None and not self.qemu.alive():
             raise MachineError(f"{self.name}: QEMU exited while {doing}; serial log "
                                f"{self.qemu.log_path}:\n{self._log_tail()}")
+        if self._kernel_panicked():
+            raise GuestPanicked(f"{self.name}: the guest kernel panicked while {doing}; serial log "
+                                f"{self.qemu.log_path}:\n{self._log_tail()}")
+
+    def _kernel_panicked(self) -> bool:
+        """Whether the serial log shows a kernel panic; reads only what is new since last time
+        (plus an overlap, so a message split across two reads is still found)."""
+        if self.qemu is None or self._panicked:
+            return self._panicked
+        try:
+            with open(self.qemu.log_path, "rb") as log:
+                start = max(0, self._log_scanned - len(KERNEL_PANIC))
+                log.seek(start)
+                new = log.read()
+        except FileNotFoundError:
+            return False
+        self._log_scanned = start + len(new)
+        self._panicked = KERNEL_PANIC in new
+        return self._panicked
 
     def _log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.serial_log().splitlines()[-lines:])
@@ -240,7 +273,7 @@ class Machine:
             if result is not None:
                 return result
             if time.monotonic() >= deadline:
-                raise MachineError(f"{self.name}: timed out after {timeout:g} s waiting for {what}")
+                raise WaitTimedOut(f"{self.name}: timed out after {timeout:g} s waiting for {what}")
             time.sleep(POLL)
 
     def wait_until_succeeds(self, cmd: str, timeout: float = 300) -> str:
@@ -253,7 +286,7 @@ class Machine:
             return out.decode(errors="replace") if status == 0 else None
         try:
             return self._poll(f"{cmd!r} to succeed", check, timeout)
-        except MachineError as e:
+        except WaitTimedOut as e:   # a dead or panicked guest is reported as such instead
             if last:
                 raise CommandFailed(cmd, last[0], last[1].decode(errors="replace"),
                                     last[2].decode(errors="replace")) from e

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from builder.machine import CommandFailed, Machine, MachineError, ssh_keypair
+from builder.machine import CommandFailed, GuestPanicked, Machine, MachineError, ssh_keypair
 from builder.qemu import Qemu, QemuSpec
 from tinyguest import append
 
@@ -141,3 +141,21 @@ def test_guest_dying_mid_command_is_reported(tiny_guest, tmp_path, ssh_key):
             m.run("sleep 60", timeout=120)
         with pytest.raises(MachineError, match="QEMU exited"):
             m.succeed("true")
+
+
+def test_guest_kernel_panic_is_reported_at_once(tiny_guest, tmp_path, ssh_key):
+    """A panicked guest keeps QEMU running but will never answer: the wait stops at once and
+    says why instead of running into its time-out (a real panic, triggered with sysrq)."""
+    key, public = ssh_key
+    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
+                    append=append(authorized_key=public), memory=256, smp=1,
+                    forwards={22: None}, name="p")
+    with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
+        m.wait_for_ssh(timeout=300)
+        m.succeed("(sleep 1; echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger) "
+                  ">/dev/null 2>&1 &")
+        with pytest.raises(GuestPanicked, match="guest kernel panicked while waiting for"):
+            m.wait_until_succeeds("false", timeout=600)
+        assert vm.alive(), "QEMU itself keeps running after a guest panic"
+        with pytest.raises(GuestPanicked):
+            m.wait_for_ssh(timeout=600)
