@@ -125,6 +125,7 @@ class Peer:
     spec: PeerSpec
     site: Site
     image: Path
+    nic: object = None       # builder.qemu.Nic: its end of the private network
     vm: object = None        # builder.qemu.Qemu
     machine: object = None   # builder.machine.Machine
 
@@ -172,8 +173,7 @@ class TestNetwork:
         return self
 
     def _start(self) -> None:
-        from .machine import Machine
-        from .qemu import Disk, Qemu, QemuSpec, dgram_pair
+        from .qemu import dgram_pair
         from .testdns import LocalDns
 
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -183,22 +183,48 @@ class TestNetwork:
         nic_a, nic_b = dgram_pair(self.a.spec.mac, self.b.spec.mac)
         zone_config = unbound_zone_config(all_zones, refuse_others=True)
         for peer, nic in zip(self.peers, (nic_a, nic_b)):
-            overlay = self.workdir / f"{peer.spec.domain}.overlay.qcow2"
-            overlay.unlink(missing_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", _format(peer.image),
-                            "-b", str(peer.image.resolve()), str(overlay)], check=True)
-            spec = QemuSpec(disks=[Disk(overlay)], memory=self.memory, smp=1,
-                            forwards={p: None for p in MAIL_PORTS}, nics=[nic],
-                            name=peer.spec.domain)
-            peer.vm = Qemu(spec, self.workdir, log_path=self.workdir / f"{peer.spec.domain}.serial.log",
-                           verbose=self.verbose)
-            peer.vm.__enter__()
-            self._stack.append(peer.vm)
-        for peer in self.peers:
-            peer.machine = Machine(peer.vm, key=self.ssh_key, name=peer.spec.domain)
+            peer.nic = nic
+            self._boot(peer)
         for peer, other in ((self.a, self.b), (self.b, self.a)):
-            peer.machine.wait_for_ssh(timeout=900)  # TCG on a loaded 2-core CI machine
+            self._wait_for_login(peer)
             configure_guest(peer.machine, peer.spec, other.spec, zone_config)
+
+    def _boot(self, peer: Peer) -> None:
+        """Start the peer's QEMU on a fresh copy-on-write overlay of its image."""
+        from .machine import Machine
+        from .qemu import Disk, Qemu, QemuSpec
+
+        overlay = self.workdir / f"{peer.spec.domain}.overlay.qcow2"
+        overlay.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", _format(peer.image),
+                        "-b", str(peer.image.resolve()), str(overlay)], check=True)
+        spec = QemuSpec(disks=[Disk(overlay)], memory=self.memory, smp=1,
+                        forwards={p: None for p in MAIL_PORTS}, nics=[peer.nic],
+                        name=peer.spec.domain)
+        peer.vm = Qemu(spec, self.workdir, log_path=self.workdir / f"{peer.spec.domain}.serial.log",
+                       verbose=self.verbose)
+        self._stack.append(peer.vm)
+        peer.vm.__enter__()
+        peer.machine = Machine(peer.vm, key=self.ssh_key, name=peer.spec.domain)
+
+    def _wait_for_login(self, peer: Peer) -> None:
+        """Until the peer accepts SSH. A guest kernel panic during boot gets one more boot from
+        a fresh overlay, said aloud and with the panic's serial log kept: CI once saw a trixie
+        guest panic in the kernel allocator 500 s into a boot under TCG on an overloaded host,
+        which says nothing about the image; a second panic fails the run."""
+        from .machine import GuestPanicked
+
+        try:
+            peer.machine.wait_for_ssh(timeout=900)  # TCG on a loaded 2-core CI machine
+            return
+        except GuestPanicked as panic:
+            kept = peer.vm.log_path.with_name(f"{peer.spec.domain}.panic.serial.log")
+            peer.vm.close()
+            shutil.copyfile(peer.vm.log_path, kept)
+            print(f"testnet: {peer.spec.domain}'s kernel panicked while booting (serial log kept "
+                  f"in {kept}); booting it once more:\n{panic}", file=sys.stderr)
+        self._boot(peer)
+        peer.machine.wait_for_ssh(timeout=900)
 
     def mail_logs(self, peer: Peer) -> str:
         """What the peer's mail daemons said (for failure reports)."""
