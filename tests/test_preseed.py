@@ -301,17 +301,20 @@ def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path):
     only "Downloading a file failed" (seen on this machine's mirror); the proxy names it."""
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
-    gpg = ["gpg", "--batch", "--quiet", "--homedir", str(home)]
-    subprocess.run(gpg + ["--passphrase", "", "--quick-gen-key", "Test Archive <archive@a.test>",
-                          "ed25519", "sign", "never"], check=True, capture_output=True)
-    keyring = tmp_path / "archive.gpg"
-    keyring.write_bytes(subprocess.run(gpg + ["--export"], check=True, capture_output=True).stdout)
-    for suite, release in (("good", b"Suite: good\n"), ("bad", b"Suite: bad\n")):
-        d = tmp_path / "archive/dists" / suite
-        d.mkdir(parents=True)
-        (d / "Release").write_bytes(release)
-        subprocess.run(gpg + ["--detach-sign", "--output", str(d / "Release.gpg"), str(d / "Release")],
-                       check=True, capture_output=True)
+    try:
+        gpg = ["gpg", "--batch", "--quiet", "--homedir", str(home)]
+        subprocess.run(gpg + ["--passphrase", "", "--quick-gen-key", "Test Archive <archive@a.test>",
+                              "ed25519", "sign", "never"], check=True, capture_output=True)
+        keyring = tmp_path / "archive.gpg"
+        keyring.write_bytes(subprocess.run(gpg + ["--export"], check=True, capture_output=True).stdout)
+        for suite, release in (("good", b"Suite: good\n"), ("bad", b"Suite: bad\n")):
+            d = tmp_path / "archive/dists" / suite
+            d.mkdir(parents=True)
+            (d / "Release").write_bytes(release)
+            subprocess.run(gpg + ["--detach-sign", "--output", str(d / "Release.gpg"), str(d / "Release")],
+                           check=True, capture_output=True)
+    finally:   # gpg started an agent for this home: stop it, or it outlives the test run
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     (tmp_path / "archive/dists/bad/Release").write_bytes(b"Suite: bad, changed after signing\n")
     with FileServer(tmp_path) as up:
         routes = {"/debian": f"http://127.0.0.1:{up.port}/archive"}
