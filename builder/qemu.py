@@ -439,7 +439,9 @@ class Qemu:
             text = self._stderr_path.read_text(errors="replace") if self._stderr_path else ""
         except OSError:
             return ""
-        return " | ".join(l for l in text.strip().splitlines()[-lines:] if l)
+        said = [l for l in text.strip().splitlines()
+                if l and "info: QEMU waiting for connection" not in l]   # our serial socket's
+        return " | ".join(said[-lines:])
 
     # -- queries and control
 

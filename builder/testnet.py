@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import dnsrecords
@@ -189,8 +188,8 @@ class TestNetwork:
             self._wait_for_login(peer)
             configure_guest(peer.machine, peer.spec, other.spec, zone_config)
 
-    def _boot(self, peer: Peer) -> None:
-        """Start the peer's QEMU on a fresh copy-on-write overlay of its image."""
+    def _boot(self, peer: Peer):
+        """Start the peer's QEMU on a fresh copy-on-write overlay of its image; its Machine."""
         from .machine import Machine
         from .qemu import Disk, Qemu, QemuSpec
 
@@ -206,25 +205,14 @@ class TestNetwork:
         self._stack.append(peer.vm)
         peer.vm.__enter__()
         peer.machine = Machine(peer.vm, key=self.ssh_key, name=peer.spec.domain)
+        return peer.machine
 
     def _wait_for_login(self, peer: Peer) -> None:
-        """Until the peer accepts SSH. A guest kernel panic during boot gets one more boot from
-        a fresh overlay, said aloud and with the panic's serial log kept: CI once saw a trixie
-        guest panic in the kernel allocator 500 s into a boot under TCG on an overloaded host,
-        which says nothing about the image; a second panic fails the run."""
-        from .machine import GuestPanicked
+        """Until the peer accepts SSH; a boot the emulator fails gets one more (machine.py)."""
+        from .machine import login_or_reboot
 
-        try:
-            peer.machine.wait_for_ssh(timeout=900)  # TCG on a loaded 2-core CI machine
-            return
-        except GuestPanicked as panic:
-            kept = peer.vm.log_path.with_name(f"{peer.spec.domain}.panic.serial.log")
-            peer.vm.close()
-            shutil.copyfile(peer.vm.log_path, kept)
-            print(f"testnet: {peer.spec.domain}'s kernel panicked while booting (serial log kept "
-                  f"in {kept}); booting it once more:\n{panic}", file=sys.stderr)
-        self._boot(peer)
-        peer.machine.wait_for_ssh(timeout=900)
+        # 900 s: TCG on a loaded 2-core CI machine
+        peer.machine = login_or_reboot(peer.machine, lambda: self._boot(peer), timeout=900)
 
     def mail_logs(self, peer: Peer) -> str:
         """What the peer's mail daemons said (for failure reports)."""

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from builder.machine import CommandFailed, GuestPanicked, Machine, MachineError, ssh_keypair
-from builder.qemu import Qemu, QemuSpec
-from tinyguest import append
+from builder.machine import (CommandFailed, GuestPanicked, Machine, MachineError, QemuCrashed,
+                             booted, login_or_reboot, ssh_keypair)
+from builder.qemu import Qemu
 
 pytestmark = pytest.mark.vm
 
@@ -17,9 +17,7 @@ def machine(tiny_guest, tmp_path_factory):
     """One booted tiny guest with sshd for the whole module (booting costs ~6 s of TCG)."""
     tmp = tmp_path_factory.mktemp("machine")
     key, public = ssh_keypair(tmp / "ssh")
-    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
-                    append=append(authorized_key=public), memory=256, smp=1,
-                    forwards={22: None}, name="m")
+    spec = tiny_guest.ssh_spec(public, "m")
     with Qemu(spec, tmp) as vm, Machine(vm, key=key) as m:
         m.wait_for_ssh(timeout=300)
         yield m
@@ -118,9 +116,7 @@ def test_wrong_key_is_refused(machine, tmp_path):
 
 def test_shutdown_powers_off(tiny_guest, tmp_path, ssh_key):
     key, public = ssh_key
-    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
-                    append=append(authorized_key=public), memory=256, smp=1,
-                    forwards={22: None}, name="s")
+    spec = tiny_guest.ssh_spec(public, "s")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
         m.wait_for_ssh(timeout=300)
         assert m.shutdown(timeout=180) is True
@@ -131,13 +127,11 @@ def test_shutdown_powers_off(tiny_guest, tmp_path, ssh_key):
 
 def test_guest_dying_mid_command_is_reported(tiny_guest, tmp_path, ssh_key):
     key, public = ssh_key
-    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
-                    append=append(authorized_key=public), memory=256, smp=1,
-                    forwards={22: None}, name="d")
+    spec = tiny_guest.ssh_spec(public, "d")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
         m.wait_for_ssh(timeout=300)
         m.succeed("(sleep 1; poweroff -f) >/dev/null 2>&1 &")
-        with pytest.raises(MachineError, match="QEMU exited while running 'sleep 60'"):
+        with pytest.raises(MachineError, match="QEMU exited .*while running 'sleep 60'"):
             m.run("sleep 60", timeout=120)
         with pytest.raises(MachineError, match="QEMU exited"):
             m.succeed("true")
@@ -147,9 +141,7 @@ def test_guest_kernel_panic_is_reported_at_once(tiny_guest, tmp_path, ssh_key):
     """A panicked guest keeps QEMU running but will never answer: the wait stops at once and
     says why instead of running into its time-out (a real panic, triggered with sysrq)."""
     key, public = ssh_key
-    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd,
-                    append=append(authorized_key=public), memory=256, smp=1,
-                    forwards={22: None}, name="p")
+    spec = tiny_guest.ssh_spec(public, "p")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
         m.wait_for_ssh(timeout=300)
         m.succeed("(sleep 1; echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger) "
@@ -159,3 +151,47 @@ def test_guest_kernel_panic_is_reported_at_once(tiny_guest, tmp_path, ssh_key):
         assert vm.alive(), "QEMU itself keeps running after a guest panic"
         with pytest.raises(GuestPanicked):
             m.wait_for_ssh(timeout=600)
+
+
+def test_qemu_crashing_is_named_and_a_boot_gets_one_more_try(tiny_guest, tmp_path, ssh_key, capfd):
+    """QEMU dying of a crash signal (here: a real SIGSEGV sent to the real QEMU, standing in for
+    the emulator's own general protection fault seen in CI) is named as a crash; while booting,
+    login_or_reboot boots once more and keeps the failed boot's serial log."""
+    import signal
+    key, public = ssh_key
+    spec = tiny_guest.ssh_spec(public, "crash")
+    started = []
+
+    def start() -> Machine:
+        vm = Qemu(spec, tmp_path, log_path=tmp_path / "crash.serial.log")
+        started.append(vm)
+        vm.__enter__()
+        return Machine(vm, key=key)
+
+    try:
+        first = start()
+        first.qemu.expect("TINYGUEST-NET", timeout=120)     # booting, not yet logged in
+        os.kill(first.qemu.pid, signal.SIGSEGV)
+        first.qemu.proc.wait(30)
+        with pytest.raises(QemuCrashed, match="QEMU crashed [(]SIGSEGV[)] while waiting for SSH"):
+            first.wait_for_ssh(timeout=60)
+        m = login_or_reboot(first, start, timeout=300)
+        assert m is not first and m.succeed("echo up").strip() == "up"
+    finally:
+        for vm in started:
+            vm.close()
+    assert len(started) == 2
+    assert "TINYGUEST-NET" in (tmp_path / "crash.serial.failed-boot-1.log").read_text(errors="replace")
+    assert "crash: the emulated machine failed while booting; booting it once more" in capfd.readouterr().err
+
+
+def test_booted_stops_its_qemu_and_a_plain_exit_is_not_retried(tiny_guest, tmp_path, ssh_key):
+    key, public = ssh_key
+    with booted(tiny_guest.ssh_spec(public, "b"), tmp_path, key, timeout=300) as (vm, m):
+        assert m.succeed("echo up").strip() == "up"
+        m.succeed("(sleep 1; poweroff -f) >/dev/null 2>&1 &")
+        vm.proc.wait(60)
+        with pytest.raises(MachineError, match="QEMU exited [(]status 0[)]") as e:
+            login_or_reboot(m, lambda: pytest.fail("a clean exit must not be retried"), timeout=30)
+        assert not isinstance(e.value, (QemuCrashed, GuestPanicked))
+    assert not vm.alive()

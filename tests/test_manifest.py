@@ -211,11 +211,9 @@ def test_guest_manifest_lists_a_booted_guests_files_over_ssh(tiny_guest, tmp_pat
     """The path for file systems the host cannot read (OpenBSD FFS): the guest's own tar over SSH.
     Checked on the tiny busybox guest against files made in it, and against an image manifest."""
     from builder.machine import Machine
-    from builder.qemu import Qemu, QemuSpec
-    from tinyguest import append
+    from builder.qemu import Qemu
     key, public = ssh_key
-    spec = QemuSpec(kernel=tiny_guest.kernel, initrd=tiny_guest.initrd, append=append(authorized_key=public),
-                    memory=256, smp=1, forwards={22: None}, name="manifest")
+    spec = tiny_guest.ssh_spec(public, "manifest")
     with Qemu(spec, tmp_path) as vm, Machine(vm, key=key) as m:
         m.wait_for_ssh(timeout=180)
         m.succeed("mkdir -p /srv/t/sub && cd /srv/t && printf 'hello\\n' > a && chmod 4751 a && ln a hard "

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 
 from builder.machine import GuestPanicked, Machine
-from builder.qemu import Qemu, QemuSpec
+from builder.qemu import Qemu
 from builder.testnet import TestNetwork
-from tinyguest import append
 
 pytestmark = pytest.mark.vm
 
@@ -30,16 +29,13 @@ class TinyGuestNetwork(TestNetwork):
 
     def _boot(self, peer):
         self.boots += 1
-        cmdline = append(authorized_key=self.public)
-        if self.boots <= self.panicking_boots:
-            cmdline += PANICS
-        spec = QemuSpec(kernel=self.tiny_guest.kernel, initrd=self.tiny_guest.initrd,
-                        append=cmdline, memory=256, smp=1, forwards={22: None},
-                        name=peer.spec.domain)
+        spec = self.tiny_guest.ssh_spec(self.public, peer.spec.domain,
+                                        PANICS if self.boots <= self.panicking_boots else "")
         peer.vm = Qemu(spec, self.workdir, log_path=self.workdir / f"{peer.spec.domain}.serial.log")
         self._stack.append(peer.vm)
         peer.vm.__enter__()
         peer.machine = Machine(peer.vm, key=self.ssh_key, name=peer.spec.domain)
+        return peer.machine
 
 
 def test_a_boot_panic_is_retried_once_and_its_log_kept(tiny_guest, tmp_path, ssh_key, capfd):
@@ -52,10 +48,12 @@ def test_a_boot_panic_is_retried_once_and_its_log_kept(tiny_guest, tmp_path, ssh
     finally:
         net.__exit__(None, None, None)
     assert net.boots == 2
-    kept = tmp_path / "a.test.panic.serial.log"
+    kept = tmp_path / "a.test.serial.failed-boot-1.log"
     assert "Kernel panic - not syncing: VFS: Unable to mount root fs" in kept.read_text(errors="replace")
     assert "Kernel panic" not in (tmp_path / "a.test.serial.log").read_text(errors="replace")
-    assert "a.test's kernel panicked while booting" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "a.test: the emulated machine failed while booting; booting it once more" in err
+    assert "the guest kernel panicked while waiting for SSH" in err
 
 
 def test_a_second_boot_panic_fails(tiny_guest, tmp_path, ssh_key):

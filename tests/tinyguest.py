@@ -83,6 +83,13 @@ class TinyGuest:
     kernel: Path
     initrd: Path
 
+    def ssh_spec(self, authorized_key: str, name: str, extra_append: str = ""):
+        """QemuSpec of one small tiny guest whose sshd (port 22, forwarded) takes `authorized_key`."""
+        from builder.qemu import QemuSpec
+        return QemuSpec(kernel=self.kernel, initrd=self.initrd,
+                        append=append(authorized_key=authorized_key) + extra_append,
+                        memory=256, smp=1, forwards={22: None}, name=name)
+
 
 def append(*, nets: dict[str, str] | None = None, http_port: int | None = None,
            authorized_key: str | None = None, user_net: bool = True) -> str:
