@@ -312,9 +312,9 @@ def _presented_cert(port: int, starttls: bool = False) -> x509.Certificate:
 def test_acme_image_gets_its_certificate_from_a_real_acme_server(tmp_path):
     from builder.build import BuildState, run_build
     from builder.dnsrecords import Record
-    from builder.machine import Machine, ssh_keypair
+    from builder.machine import booted, ssh_keypair
     from builder.progress import Progress
-    from builder.qemu import Disk, Qemu, QemuSpec, free_port
+    from builder.qemu import Disk, QemuSpec, free_port
     from builder.testdns import LocalDns
     from fixtures_build import make_test_site
 
@@ -335,9 +335,7 @@ def test_acme_image_gets_its_certificate_from_a_real_acme_server(tmp_path):
         spec = QemuSpec(disks=[Disk(st.outputs["qcow2"], snapshot=True)], memory=2048, name="acme",
                         forwards={22: None, 80: http_port, 465: None, 587: None, 993: None},
                         guestfwd={f"{GUEST_ACME_ADDR}:{GUEST_ACME_PORT}": relay})
-        with Qemu(spec, tmp_path, log_path=tmp_path / "acme.serial.log") as vm, \
-                Machine(vm, key=key, name="acme") as m:
-            m.wait_for_ssh(timeout=600)
+        with booted(spec, tmp_path, key, timeout=600, log_path=tmp_path / "acme.serial.log") as (vm, m):
             assert " 80," in m.succeed("nft list chain inet filter input")
             try:
                 m.wait_until_succeeds("test -s /etc/letsencrypt/live/mkmailimage/fullchain.pem "

@@ -8,7 +8,6 @@ import dataclasses
 import imaplib
 import io
 import json
-import os
 import shutil
 import signal
 import smtplib
@@ -159,8 +158,11 @@ def test_outputs_manifest_and_sums(debian_image):
     assert "sources.list/" not in debugfs("ls -p /etc/apt")
 
 
-def _boot(image: Path, tmp: Path, name: str, firmware: str = "bios", grow_to: str | None = None):
-    from builder.qemu import Disk, Qemu, QemuSpec
+def _boot(image: Path, tmp: Path, name: str, key: Path, firmware: str = "bios",
+          grow_to: str | None = None):
+    """Context manager: (vm, machine) of `image` booted and logged in over SSH."""
+    from builder.machine import booted
+    from builder.qemu import Disk, QemuSpec
     if grow_to:   # a bigger disk than the image, as a VPS provider gives: first boot grows root
         overlay = tmp / f"{name}.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image),
@@ -170,18 +172,14 @@ def _boot(image: Path, tmp: Path, name: str, firmware: str = "bios", grow_to: st
         drive = Disk(image, snapshot=True)
     spec = QemuSpec(disks=[drive], firmware=firmware, memory=2048, name=name,
                     forwards={22: None, 25: None, 143: None, 465: None, 587: None, 993: None})
-    return Qemu(spec, tmp, log_path=tmp / f"{name}.serial.log")
+    return booted(spec, tmp, key, timeout=600, log_path=tmp / f"{name}.serial.log")
 
 
 @pytest.fixture(scope="module")
 def booted(debian_image, tmp_path_factory):
-    from builder.machine import Machine
     tmp = tmp_path_factory.mktemp("boot")
-    with _boot(debian_image.image, tmp, "debian-a") as vm:
-        m = Machine(vm, key=debian_image.key, name="debian-a")
-        m.wait_for_ssh(timeout=600)
+    with _boot(debian_image.image, tmp, "debian-a", debian_image.key) as (vm, m):
         yield vm, m
-        m.close()
 
 
 @pytest.mark.vm
@@ -235,19 +233,15 @@ def _host_key(m) -> str:
 
 @pytest.mark.vm
 def test_two_instances_have_different_ssh_host_keys(booted, debian_image, tmp_path):
-    from builder.machine import Machine
     vm, m = booted
     first = _host_key(m)
-    with _boot(debian_image.image, tmp_path, "debian-b", grow_to="6G") as vm2:
-        m2 = Machine(vm2, key=debian_image.key, name="debian-b")
-        m2.wait_for_ssh(timeout=600)
+    with _boot(debian_image.image, tmp_path, "debian-b", debian_image.key, grow_to="6G") as (vm2, m2):
         m2.wait_for_unit("mkmailimage-firstboot", timeout=300)
         second = _host_key(m2)
         machine_ids = m.succeed("cat /etc/machine-id"), m2.succeed("cat /etc/machine-id")
         certs = [x.succeed("openssl x509 -noout -fingerprint -sha256 -in /etc/ssl/mkmailimage/fullchain.pem")
                  for x in (m, m2)]
         root_bytes = int(m2.succeed("findmnt -bno SIZE /").strip())
-        m2.close()
     assert first != second
     assert machine_ids[0] != machine_ids[1]
     assert certs[0] != certs[1]
@@ -272,10 +266,6 @@ def test_site_only_change_reuses_the_cached_base_layer(debian_image, tmp_path):
 
 @pytest.mark.vm
 def test_boots_under_uefi(debian_image, tmp_path):
-    from builder.machine import Machine
-    with _boot(debian_image.image, tmp_path, "debian-uefi", firmware="uefi") as vm:
-        m = Machine(vm, key=debian_image.key, name="debian-uefi")
-        m.wait_for_ssh(timeout=600)
+    with _boot(debian_image.image, tmp_path, "debian-uefi", debian_image.key, firmware="uefi") as (vm, m):
         m.succeed("test -d /sys/firmware/efi")
         m.wait_for_unit("opensmtpd", timeout=300)
-        m.close()

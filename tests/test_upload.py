@@ -336,8 +336,8 @@ class Rescue:
 
 @pytest.fixture(scope="module")
 def rescue(mail_image, tmp_path_factory):
-    from builder.machine import Machine
-    from builder.qemu import Disk, Qemu, QemuSpec
+    from builder.machine import booted
+    from builder.qemu import Disk, QemuSpec
     image, key = mail_image
     work = tmp_path_factory.mktemp("rescue")
     r = Rescue()
@@ -349,8 +349,7 @@ def rescue(mail_image, tmp_path_factory):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", small, "256M"], check=True)
     spec = QemuSpec(disks=[Disk(image, snapshot=True), Disk(r.target), Disk(small)],
                     forwards={22: None}, memory=1024, smp=2, name="rescue")
-    with Qemu(spec, work, log_path=work / "rescue-serial.log") as vm, Machine(vm, key=key) as m:
-        m.wait_for_ssh(timeout=600)
+    with booted(spec, work, key, timeout=600, log_path=work / "rescue-serial.log") as (vm, m):
         r.vm, r.m, r.port = vm, m, vm.host_port(22)
         pub = m.succeed("cat /etc/ssh/ssh_host_ed25519_key.pub").split()
         r.known_hosts = f"[127.0.0.1]:{r.port} {pub[0]} {pub[1]}\n"
@@ -465,8 +464,8 @@ def test_vm_dropped_connection_is_an_error(rescue, tmp_path):
 @pytest.mark.vm
 @pytest.mark.xdist_group("upload-rescue")
 def test_vm_upload_verifies_and_the_disk_boots(rescue, tmp_path):
-    from builder.machine import Machine
-    from builder.qemu import Disk, Qemu, QemuSpec
+    from builder.machine import booted
+    from builder.qemu import Disk, QemuSpec
     r = _upload(rescue, "/dev/vdb", tmp_path, "--yes")
     print(r.stderr)                      # with pytest -rP: throughput and read-back time
     assert r.returncode == 0, r.stderr
@@ -484,9 +483,8 @@ def test_vm_upload_verifies_and_the_disk_boots(rescue, tmp_path):
                          capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     spec = QemuSpec(disks=[Disk(rescue.target)], forwards={22: None}, memory=1024, smp=2, name="uploaded")
-    with Qemu(spec, rescue.work, log_path=rescue.work / "uploaded-serial.log") as vm, \
-            Machine(vm, key=rescue.key) as m:
-        m.wait_for_ssh(timeout=600)
+    with booted(spec, rescue.work, rescue.key, timeout=600,
+                log_path=rescue.work / "uploaded-serial.log") as (vm, m):
         for unit in ("opensmtpd", "dovecot", "rspamd"):
             m.wait_for_unit(f"{unit}.service", timeout=300)
         assert m.succeed("systemctl is-active opensmtpd dovecot rspamd").split() == ["active"] * 3
