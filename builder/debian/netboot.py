@@ -8,6 +8,7 @@ again on every use); linux and initrd.gz are extracted from it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -66,6 +67,14 @@ def _extract(deb: Path, deb_sha256: str, release: int, cache: Path) -> tuple[Pat
     if not shutil.which("dpkg-deb"):
         raise ToolMissing("dpkg-deb", "dpkg")
     out = Path(cache) / "netboot" / deb_sha256
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two builds at once (parallel test workers) must not both extract: the second rename failed.
+    with open(out.parent / f".{deb_sha256}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _extract_into(out, deb, release)
+
+
+def _extract_into(out: Path, deb: Path, release: int) -> tuple[Path, Path]:
     sums = out / "SHA256SUMS"
     kernel, initrd = out / "linux", out / "initrd.gz"
     if sums.exists() and kernel.exists() and initrd.exists():
@@ -73,8 +82,7 @@ def _extract(deb: Path, deb_sha256: str, release: int, cache: Path) -> tuple[Pat
         if all(want.get(p.name) == file_sha256(p) for p in (kernel, initrd)):
             return kernel, initrd
     shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{deb_sha256[:16]}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:16]}.", dir=out.parent))
     try:
         inner = IMAGE_DIR.format(release=release)
         members = [f"./{inner}/linux", f"./{inner}/initrd.gz"]
