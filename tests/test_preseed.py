@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from pexpect import fdpexpect
 
-from builder.debian import diconsole, netboot, preseed
+from builder.debian import diconsole, mirrorproxy, netboot, preseed
 from builder.debian.mirrorproxy import MirrorProxy
 from builder.hostinfo import host_debian_mirror
 from builder.httpserve import FileServer
@@ -296,7 +297,8 @@ def test_mirror_proxy_names_an_index_that_differs_from_the_signed_release(tmp_pa
                                     f"{signed[failed[0].path][:16]}...)")
 
 
-def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path):
+def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path, monkeypatch,
+                                                                     slow_judge=False):
     """d-i's net-retriever fetches Release then Release.gpg and refuses a bad signature with
     only "Downloading a file failed" (seen on this machine's mirror); the proxy names it."""
     home = tmp_path / "gnupg"
@@ -316,15 +318,26 @@ def test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path):
     finally:   # gpg started an agent for this home: stop it, or it outlives the test run
         subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     (tmp_path / "archive/dists/bad/Release").write_bytes(b"Suite: bad, changed after signing\n")
+    if slow_judge:   # the verdict comes after the last byte went out: make that gap visible
+        real = mirrorproxy._detached_signature_problem
+        monkeypatch.setattr(mirrorproxy, "_detached_signature_problem",
+                            lambda *args: (time.sleep(2), real(*args))[1])
     with FileServer(tmp_path) as up:
         routes = {"/debian": f"http://127.0.0.1:{up.port}/archive"}
         with MirrorProxy(routes, keyring=keyring) as px:
             for suite in ("good", "bad"):
                 for name in ("Release", "Release.gpg"):
                     urllib.request.urlopen(f"http://127.0.0.1:{px.port}/debian/dists/{suite}/{name}").read()
-    failed = px.failed()
+            failed = px.failed()       # read while the proxy still serves, as the build does
     assert [r.path for r in failed] == ["/debian/dists/bad/Release.gpg"], failed
     assert "does not verify the Release served with it: BAD signature" in failed[0].describe()
+
+
+def test_mirror_proxy_verdicts_wait_for_requests_still_being_judged(tmp_path, monkeypatch):
+    """The build reads the verdicts as soon as the installer gives up; a signature check still
+    running then (seen under load in CI) must be waited for, not missed."""
+    test_mirror_proxy_checks_release_gpg_against_the_release_it_signs(tmp_path, monkeypatch,
+                                                                     slow_judge=True)
 
 
 def test_manifest_packages_are_read_from_the_installed_disk(tmp_path):
@@ -392,6 +405,22 @@ def test_corrupted_extracted_kernel_is_extracted_again(netboot_cache):
     nb.kernel.write_bytes(b"not a kernel")
     again = netboot.fetch_netboot(HOST_MIRROR, "trixie", cache=cache, log=lambda _: None)
     assert netboot.file_sha256(again.kernel) == good
+
+
+def test_two_builds_extracting_the_netboot_at_once_both_succeed(netboot_cache, tmp_path):
+    """Parallel test workers (or two shells) extract into one cache: both get the files (the
+    second used to fail renaming onto the first's directory). Real .deb, two real processes."""
+    import multiprocessing
+    cache, nb = netboot_cache
+    deb = netboot.blob_path(cache, nb.deb_sha256)
+    fresh = tmp_path / "cache"
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(netboot._extract, [(deb, nb.deb_sha256, 13, fresh)] * 2)
+    assert results[0] == results[1]
+    assert netboot.file_sha256(results[0][0]) == netboot.file_sha256(nb.kernel)
+    assert sorted(p.name for p in (fresh / "netboot").iterdir() if not p.name.endswith(".lock")) \
+        == [nb.deb_sha256], "a temporary extraction directory was left behind"
 
 
 @needs_mirror

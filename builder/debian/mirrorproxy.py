@@ -59,6 +59,28 @@ def _detached_signature_problem(release: bytes, signature: bytes, keyring: Path)
     return f"does not verify the Release served with it: {said[-1] if said else 'gpgv failed'}"
 
 
+class _InFlight:
+    """How many requests are being served: a file is judged only after its last byte went out,
+    so whoever reads the verdicts first waits for the requests still running."""
+
+    def __init__(self):
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def __enter__(self):
+        with self._changed:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mkmailimage-mirror"
     routes: dict[str, str] = {}
@@ -66,12 +88,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     keyring: Path | None = None          # checks Release.gpg against the Release served before it
     releases: dict[str, bytes] = {}
     log: list[ProxiedRequest] = []
+    in_flight: _InFlight
 
     def do_GET(self):
-        self._proxy(send_body=True)
+        with self.in_flight:
+            self._proxy(send_body=True)
 
     def do_HEAD(self):
-        self._proxy(send_body=False)
+        with self.in_flight:
+            self._proxy(send_body=False)
 
     def _proxy(self, send_body: bool) -> None:
         path = urlsplit(self.path).path
@@ -144,9 +169,10 @@ class MirrorProxy:
     def __init__(self, routes: dict[str, str], host: str = "127.0.0.1", port: int = 0,
                  signed: dict[str, str] | None = None, keyring: Path | None = None):
         self.requests: list[ProxiedRequest] = []
+        self._in_flight = _InFlight()
         handler = type("Handler", (_Handler,), {"routes": dict(routes), "log": self.requests,
                                                 "signed": dict(signed or {}), "keyring": keyring,
-                                                "releases": {}})
+                                                "releases": {}, "in_flight": self._in_flight})
         self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="mkmailimage-mirror",
@@ -156,7 +182,9 @@ class MirrorProxy:
     def port(self) -> int:
         return self._httpd.server_address[1]
 
-    def failed(self) -> list[ProxiedRequest]:
+    def failed(self, settle: float = 60) -> list[ProxiedRequest]:
+        """The requests that failed, once those still being served (up to `settle` s) are done."""
+        self._in_flight.wait_idle(settle)
         return [r for r in self.requests if r.failed]
 
     def __enter__(self) -> "MirrorProxy":
