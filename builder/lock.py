@@ -101,13 +101,9 @@ def pinned_entry(stanza: dict) -> dict:
 
 def dpkg_installed(status_text: str) -> list[tuple[str, str, str]]:
     """(package, architecture, version) of every installed package in a dpkg status file."""
+    from .debian.archive import parse_packages   # the same deb822 stanzas as Packages files
     out = []
-    for block in status_text.split("\n\n"):
-        fields = {}
-        for line in block.splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, _, v = line.partition(":")
-                fields[k] = v.strip()
+    for fields in parse_packages(status_text):
         if fields.get("Status", "").endswith(" installed") and "Package" in fields:
             out.append((fields["Package"], fields.get("Architecture", ""), fields.get("Version", "")))
     return sorted(out)
