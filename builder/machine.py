@@ -405,9 +405,10 @@ def login_or_reboot(machine: Machine, reboot: Callable[[], Machine], timeout: fl
     """`machine.wait_for_ssh(timeout)`; if instead QEMU crashes or the guest kernel panics,
     stop it, keep that boot's serial log beside it (NAME.failed-boot-N.log), say so on stderr
     and wait on `reboot()` (a freshly started Machine), up to `retries` times. The Machine that
-    logged in is returned. Why: under TCG on a loaded 2-core CI host, about one boot in fifty
-    failed like this (a QEMU 7.2 general protection fault; a guest oops in the kernel
-    allocator), which says nothing about the image; a failure that repeats still fails."""
+    logged in is returned. Why: under TCG on a loaded 2-core CI host we saw this twice (QEMU 7.2
+    dying of a general protection fault 1.6 s into a boot; a guest oops in the kernel allocator
+    500 s into one), failures of the emulated machine rather than of the image; a failure that
+    repeats still fails."""
     for attempt in range(1, retries + 2):
         try:
             machine.wait_for_ssh(timeout)
