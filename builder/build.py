@@ -75,9 +75,9 @@ def step_validate(st: BuildState) -> None:
         if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")):
             raise ToolMissing(tool, pkg)
     if os.geteuid() != 0:
-        raise BuildError("build: assembling the Debian image needs root here: the base layer's "
-                         "files must keep their owners when extracted for mke2fs -d "
-                         "(run as root, or inside `unshare --map-root-user --map-auto`)")
+        raise BuildError("build: assembling the Debian image needs root or root of a user "
+                         "namespace (the base layer's owners must survive extraction for "
+                         "mke2fs -d); `mkmailimage build` enters one by itself")
     st.name = st.name or st.site.domain
     if "/" in st.name or st.name.startswith("."):
         raise BuildError(f"build: --name '{st.name}' must be a plain file name")
@@ -115,9 +115,13 @@ def step_layer_overlay(st: BuildState) -> None:
     from .debian import layer
     st.tree = st.workdir / "tree"
     st.tree.mkdir()
+    # without /dev's nodes: mknod is not allowed in a user namespace, and the booted system
+    # mounts devtmpfs there anyway; leaving them out everywhere keeps root and rootless builds equal
     st.progress.run(["tar", "--extract", "--numeric-owner", "--same-permissions", "--xattrs",
-                     "--xattrs-include=*", "-f", str(st.base_tar), "-C", str(st.tree)],
+                     "--xattrs-include=*", "--exclude=./dev/?*", "-f", str(st.base_tar),
+                     "-C", str(st.tree)],
                     what="layer: extracting the base layer")
+    (st.tree / "dev").mkdir(mode=0o755, exist_ok=True)
     layer.apply(st.tree, st.site, st.overlay, epoch=st.epoch)
 
 
@@ -268,6 +272,9 @@ def cmd_build(args) -> int:
         if not hasattr(preseed, "cmd_build"):
             raise BuildError("build: the 'preseed' installer's pipeline is not available in this tree")
         return preseed.cmd_build(args)
+    if os.geteuid() != 0:
+        from .userns import reexec_as_namespace_root
+        reexec_as_namespace_root(args.argv)   # does not return
     lock = None
     if getattr(args, "locked", False):
         # before anything is written: the lock must be readable and the mirror must still

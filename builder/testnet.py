@@ -260,6 +260,10 @@ def cmd_test(args) -> int:
     test_file = paths.ROOT / "tests" / "test_testnet.py"
     if not test_file.exists():
         raise MkMailImageError(f"{test_file} is missing: `mkmailimage test` runs from a source checkout")
+    if os.geteuid() != 0:
+        # the images are built like `mkmailimage build` does without root (builder.userns)
+        from .userns import reexec_as_namespace_root
+        reexec_as_namespace_root(args.argv)
     os.environ["MKMAILIMAGE_TEST_OS"] = args.os
     argv = [str(test_file), "-p", "no:cacheprovider", "-v", "-s" if args.verbose else "-q",
             *args.pytest_args]

@@ -5,9 +5,10 @@ The layer holds packages only; everything site-specific is layered on top afterw
 tarball and clamps mtimes to SOURCE_DATE_EPOCH, and empties /etc/machine-id and the logs it
 knows about, so equal inputs give an equal tarball.
 
-Ownership: as root the tarball is built in root mode and extracted with its owners; without
-root mmdebstrap uses unshare mode (subuids) and its tarball stays the only faithful record of
-owners, so the assembler then needs root or `unshare` to extract it (see builder.debian.disk).
+Ownership: mmdebstrap always runs in unshare mode, which works the same as root, as root of a
+user namespace (builder.userns) and as an ordinary user with subordinate ids, so who builds
+does not change the layer. Its tarball records the owners; the build extracts it as (namespace)
+root.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..hostinfo import host_debian_mirror
 from ..progress import Progress
 
 # Bump when the recipe below changes in a way the inputs do not show, so old layers are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2   # 2: always --mode=unshare
 
 # Trixie's release day (2025-08-09 00:00 UTC). The default timestamp of every file the build
 # writes, so two builds agree without a lock; a lock file (or SOURCE_DATE_EPOCH) overrides it.
@@ -124,7 +125,7 @@ def _mmdebstrap(inputs: BaseInputs, final: Path, progress: Progress) -> None:
     with cache.atomic_path(final, suffix=".tar") as tmp, _pin_hooks(inputs.pins) as pin_hooks:
         cmd = [
             exe, "--variant=apt", "--format=tar",
-            "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
+            "--mode=unshare",
             "--include=" + ",".join(sorted(set(inputs.packages))),
             # keep essential .debs until the customize hook has stored them
             "--skip=essential/unlink",

@@ -71,6 +71,7 @@ def apply(tree: Path, site: Site, overlay: Tree, *, epoch: int) -> None:
     tree = Path(tree)
     m = site.model
     _remove_instance_files(tree)
+    _remove_bytecode(tree)
     _apt_sources(tree, site)
     _write(tree, "etc/hostname", site.hostname + "\n")
     _write(tree, "etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{site.hostname} {site.short_hostname}\n"
@@ -104,6 +105,18 @@ def _remove_instance_files(tree: Path) -> None:
         for p in tree.glob(pattern):
             if p.is_file() or p.is_symlink():
                 p.unlink()
+
+
+def _remove_bytecode(tree: Path) -> None:
+    """Python bytecode that packages compiled while installing (py3compile) is not the same from
+    one bootstrap to the next -- marshal's output depends on reference counts -- so two builds of
+    the same packages would differ in it. It is a cache: Python compiles again on demand."""
+    for cache_dir in (tree / "usr").rglob("__pycache__"):
+        if cache_dir.is_dir() and not cache_dir.is_symlink():
+            for pyc in cache_dir.glob("*.pyc"):
+                pyc.unlink()
+            if not any(cache_dir.iterdir()):
+                cache_dir.rmdir()
 
 
 def _apt_sources(tree: Path, site: Site) -> None:
