@@ -127,6 +127,9 @@ def test_interrupted_build_leaves_nothing_and_next_build_succeeds(debian_image, 
     assert "assemble disk ..." in seen
     assert sorted(p.name for p in out.iterdir()) == [], "left behind: " + ", ".join(p.name for p in out.iterdir())
     assert not _our_qemus(str(out))
+    # the image tree, extracted to /dev/shm when it has room (builder.build.tree_dir)
+    from builder.build import SHM, SHM_PREFIX
+    assert not list(SHM.glob(f"{SHM_PREFIX}{proc.pid}.*")), "the image tree was left in /dev/shm"
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "interrupted.qcow2").exists() and (out / "SHA256SUMS").exists()

@@ -69,9 +69,10 @@ class BuildUser:
     def chown(self, path: Path) -> None:
         subprocess.run(["chown", "-R", f"{self.pw.pw_uid}:{self.pw.pw_gid}", str(path)], check=True)
 
-    def mkmailimage(self, *args, cache_dir: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
+    def mkmailimage(self, *args, cache_dir: Path, timeout: float = 1800,
+                    env: dict | None = None) -> subprocess.CompletedProcess:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(self.home),
-               "MKMAILIMAGE_CACHE": str(cache_dir),
+               "MKMAILIMAGE_CACHE": str(cache_dir), **(env or {}),
                "PYTHONPATH": f"{self.code}:{self.home / 'site-packages'}"}
         return subprocess.run(["runuser", "-u", self.name, "--", "env", "-i",
                                *(f"{k}={v}" for k, v in env.items()),
@@ -136,10 +137,13 @@ def test_an_ordinary_user_builds_the_same_image_as_root(debian_image):
         shutil.copytree(cache.debs_dir(), user_cache / "debs")
         user.chown(user.home)
         out = user.home / "images"
+        # with the tree on disk (root's is in /dev/shm): its place must not change the image either
         p = user.mkmailimage("build", "debian", site / "site.yaml", "--out", out,
-                             "--name", "a.test", "--raw", cache_dir=user_cache)
+                             "--name", "a.test", "--raw", cache_dir=user_cache,
+                             env={"MKMAILIMAGE_TREE_IN_MEMORY": "0"})
         assert p.returncode == 0, p.stdout + p.stderr
         assert "base layer: built" in p.stderr, p.stderr
+        assert f"image tree in {user.home}" in p.stderr, p.stderr
         assert user.processes() == "", "the build left processes behind"
         raw = out / "a.test.raw"
         for f in out.iterdir():
@@ -147,7 +151,7 @@ def test_an_ordinary_user_builds_the_same_image_as_root(debian_image):
         manifest = json.loads((out / "a.test.manifest.json").read_text())
         assert manifest["inputs"]["base_layer"]["reused"] is False
         # root's image was booted and tested (test_build_debian); equal bytes mean every owner,
-        # mode and file came out the same without root
+        # mode and file came out the same without root, from a fresh base layer, tree on disk
         if _sha256(raw) != _sha256(debian_image.outputs["raw"]):
             diff = subprocess.run([sys.executable, "-m", "builder.cli", "diff", str(raw),
                                    str(debian_image.outputs["raw"])], capture_output=True, text=True)
