@@ -198,6 +198,11 @@ def test_mail_stack_is_up(booted):
     assert m.succeed("test -s /etc/machine-id && cat /etc/machine-id").strip()
     m.succeed("test -s /etc/ssl/mkmailimage/fullchain.pem && test -s /etc/ssl/mkmailimage/privkey.pem")
     m.succeed("journalctl -u mkmailimage-firstboot | grep -q 'mkmailimage-firstboot: done'")
+    # the disk is the image's size: nothing to grow, so growpart is not run (it costs seconds)
+    m.fail("journalctl -u mkmailimage-firstboot | grep -q grew")
+    # units the packages enable that a mail VM does not need (builder.debian.layer.UNITS_OFF)
+    from builder.debian.layer import UNITS_OFF
+    m.fail(f"systemctl -q is-enabled {' '.join(UNITS_OFF)}")
 
 
 @pytest.mark.vm
@@ -245,10 +250,12 @@ def test_two_instances_have_different_ssh_host_keys(booted, debian_image, tmp_pa
         certs = [x.succeed("openssl x509 -noout -fingerprint -sha256 -in /etc/ssl/mkmailimage/fullchain.pem")
                  for x in (m, m2)]
         root_bytes = int(m2.succeed("findmnt -bno SIZE /").strip())
+        grew_log = m2.succeed("journalctl -u mkmailimage-firstboot")
     assert first != second
     assert machine_ids[0] != machine_ids[1]
     assert certs[0] != certs[1]
     assert root_bytes > 5 * 2**30, f"root was not grown to the 6G disk: {root_bytes} bytes"
+    assert "grew /dev/vda2 to fill /dev/vda" in grew_log, grew_log
 
 
 @pytest.mark.vm
