@@ -15,7 +15,6 @@ verify signatures independently.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import subprocess
 import sys
@@ -28,8 +27,6 @@ from .initsite import init_site
 from .site import Site, load_site
 from .testdns import unbound_zone_config
 
-SERVICES = ["unbound.service", "redis-server.service", "rspamd.service", "dovecot.service",
-            "opensmtpd.service"]
 MAIL_PORTS = [22, 25, 465, 587, 993]
 
 
@@ -53,8 +50,16 @@ PEERS = [
 ]
 
 
-def make_sites(workdir: Path, ssh_public_key: str) -> list[Site]:
-    """Site files for the two test domains (DMARC p=quarantine, the peer's address as ipv4)."""
+def make_sites(workdir: Path, ssh_public_key: str, os_name: str = "debian") -> list[Site]:
+    """Site files for the two test domains (DMARC p=quarantine, the peer's address as ipv4).
+    For OpenBSD the release comes from MKMAILIMAGE_OPENBSD_MIRROR (a local copy)."""
+    release = None
+    if os_name == "openbsd":
+        from .openbsd.testguest import MIRROR_ENV, release_from_env
+        release = release_from_env()
+        if release is None:
+            raise MkMailImageError(f"the OpenBSD test pair needs {MIRROR_ENV}: a URL or directory "
+                                   "with a copy of an OpenBSD release")
     sites = []
     for peer in PEERS:
         d = workdir / peer.domain
@@ -65,6 +70,11 @@ def make_sites(workdir: Path, ssh_public_key: str) -> list[Site]:
             text = text.replace("# ipv4: 203.0.113.25", f"ipv4: {peer.address}")
             text = text.replace("admin_ssh_keys: []", f"admin_ssh_keys:\n  - {ssh_public_key}")
             path.write_text(text)
+            if release is not None:
+                import yaml
+                data = yaml.safe_load(path.read_text())
+                data["openbsd"] = {**(data.get("openbsd") or {}), **release}
+                path.write_text(yaml.safe_dump(data, sort_keys=False))
         sites.append(load_site(path))
     return sites
 
@@ -73,50 +83,26 @@ def zones(sites: list[Site]) -> dict[str, list[dnsrecords.Record]]:
     return {s.domain + ".": dnsrecords.records(s, ipv4=p.address) for s, p in zip(sites, PEERS)}
 
 
-NETWORK_UNIT = """\
-# mkmailimage test network: static address on the private link to the peer
-[Match]
-MACAddress={mac}
-
-[Network]
-Address={address}/{prefix}
-DHCP=no
-LinkLocalAddressing=no
-IPv6AcceptRA=no
-
-[Route]
-Destination={peer_network}
-Scope=link
-"""
-
-
 def write_file(machine, path: str, text: str) -> None:
     status, _, err = machine.run(f"cat > {path}", stdin=text.encode())
     if status != 0:
         raise MkMailImageError(f"{machine.name}: cannot write {path}: {err.decode(errors='replace')}")
 
 
+def guest_side(machine):
+    """The module that knows the guest's OS (one per distribution, like mkosi): configure(),
+    mail_logs_cmd(), connects_cmd()."""
+    if machine.guest_os() == "OpenBSD":
+        from .openbsd import testguest
+    else:
+        from .debian import testguest
+    return testguest
+
+
 def configure_guest(machine, peer: PeerSpec, other: PeerSpec, zone_config: str) -> None:
-    """Give the guest its private-link address, a route to the peer, and the test DNS."""
-    prefix = ipaddress.ip_network(peer.network).prefixlen
-    unit = NETWORK_UNIT.format(mac=peer.mac, address=peer.address, prefix=prefix,
-                               peer_network=other.network)
-    write_file(machine, "/etc/systemd/network/10-mkmailimage-testnet.network", unit)
-    write_file(machine, "/etc/unbound/mkmailimage.d/testnet.conf", zone_config)
-    machine.succeed("networkctl reload")
-    iface = machine.succeed(f"ip -o link | awk -F': ' '/{peer.mac}/ {{print $2}}'").strip()
-    if not iface:
-        raise MkMailImageError(f"{peer.domain}: no interface with MAC {peer.mac}")
-    machine.succeed(f"networkctl reconfigure {iface}")
-    machine.wait_until_succeeds(f"ip -4 addr show dev {iface} | grep -q 'inet {peer.address}/'", timeout=60)
-    machine.succeed("unbound-checkconf && systemctl restart unbound")
-    machine.wait_until_succeeds(f"getent hosts mail.{other.domain} | grep -q {other.address}", timeout=60)
-    for unit in SERVICES:
-        machine.wait_for_unit(unit, timeout=600)
-    # rspamd reports "started" before its scanner listens (config load; with no DNS upstream
-    # its fuzzy servers' names take ~15 s to fail), and filter-rspamd answers 421 until then.
-    # (Minutes with a hyperscan-capable guest CPU: see TCG_ARGS in builder/accel.py.)
-    machine.wait_for_open_port(11333, timeout=1200)
+    """Give the guest its private-link address, a route to the peer, and the test DNS; wait
+    until its mail services (rspamd's scanner last) are up."""
+    guest_side(machine).configure(machine, peer, other, zone_config, write_file)
 
 
 @dataclass
@@ -217,9 +203,7 @@ class TestNetwork:
     def mail_logs(self, peer: Peer) -> str:
         """What the peer's mail daemons said (for failure reports)."""
         try:
-            return peer.machine.succeed(
-                "journalctl --no-pager -o short-monotonic -u opensmtpd -u dovecot -u rspamd "
-                "-u unbound | tail -n 200")
+            return peer.machine.succeed(guest_side(peer.machine).mail_logs_cmd())
         except Exception as e:  # the VM may be the thing that failed
             return f"(could not read {peer.spec.domain}'s logs: {e})"
 
@@ -236,15 +220,22 @@ def _format(image: Path) -> str:
     return "qcow2" if image.suffix == ".qcow2" else "raw"
 
 
-def build_images(workdir: Path, ssh_public_key: str, verbose: bool = False) -> tuple[list[Site], list[Path]]:
-    """Site files and Debian images for both test domains. The cached base layer makes the
+def build_images(workdir: Path, ssh_public_key: str, verbose: bool = False,
+                 os_name: str = "debian") -> tuple[list[Site], list[Path]]:
+    """Site files and images for both test domains. Debian: the cached base layer makes the
     second build (and every later run) cost only the site layer and the disk assembly."""
-    from .build import BuildState, run_build
-    from .progress import Progress
-
-    sites = make_sites(workdir, ssh_public_key)
+    sites = make_sites(workdir, ssh_public_key, os_name)
     images = []
     for site in sites:
+        if os_name == "openbsd":
+            import types
+            from .openbsd.build import build_openbsd
+            args = types.SimpleNamespace(name=site.domain, out=workdir / "images", raw=False,
+                                         verbose=verbose, no_cache=False, locked=False)
+            images.append(Path(build_openbsd(site, args)))
+            continue
+        from .build import BuildState, run_build
+        from .progress import Progress
         st = BuildState(site_path=site.path, out_dir=workdir / "images", name=site.domain,
                         progress=Progress(verbose=verbose))
         run_build(st)

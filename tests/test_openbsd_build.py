@@ -11,7 +11,6 @@ end-to-end build when MKMAILIMAGE_OPENBSD_MIRROR names a local copy of a release
 from __future__ import annotations
 
 import os
-import shutil
 import types
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import yaml
 
 from builder.httpserve import FileServer
 from builder.initsite import init_site
+from builder.openbsd.testguest import MIRROR_ENV, release_from_env
 from builder.openbsd import answers, build, sets, siteset
 from builder.render import render_tree
 from builder.site import load_site
 
 from test_openbsd_sets import SETS, signed_release
 
-MIRROR_ENV = "MKMAILIMAGE_OPENBSD_MIRROR"
 
 
 def make_site(tmp_path, openbsd: dict):
@@ -118,20 +117,12 @@ def test_install_vm_netboots_from_tftp_and_reaches_the_http_server(tmp_path):
 
 
 @pytest.mark.vm
-@pytest.mark.skipif(not os.environ.get(MIRROR_ENV),
+@pytest.mark.skipif(release_from_env() is None,
                     reason=f"{MIRROR_ENV} is not set: it must name a local copy of an OpenBSD release "
                            "(URL or directory holding <version>/amd64 and <version>/packages/amd64); "
                            "no OpenBSD media can be reached from this machine")
 def test_end_to_end_build_from_a_local_release(tmp_path):
-    mirror = os.environ[MIRROR_ENV]
-    version = os.environ.get("MKMAILIMAGE_OPENBSD_VERSION", "7.8")
-    ob = {"version": version}
-    if os.path.isdir(mirror):
-        ob["sets_dir"] = str(Path(mirror) / version / "amd64") if (Path(mirror) / version).is_dir() else mirror
-    else:
-        ob["mirror"] = mirror
-    if os.environ.get("MKMAILIMAGE_OPENBSD_KEY"):
-        ob["signify_key"] = os.environ["MKMAILIMAGE_OPENBSD_KEY"]
+    ob = release_from_env()
     site = make_site(tmp_path, ob)
     args = types.SimpleNamespace(name="obsd", out=tmp_path / "out", raw=False, verbose=True)
     qcow2 = build.build_openbsd(site, args)
