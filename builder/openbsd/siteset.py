@@ -30,7 +30,7 @@ from . import answers, sets
 # Directories the base sets own: never put their entries in the site set (a wrong mode on /etc
 # or /var would break the system); their contents are still extracted.
 BASE_DIRS = {"/", "/etc", "/etc/mail", "/etc/ssl", "/etc/ssh", "/home", "/root", "/tmp", "/usr",
-             "/usr/local", "/var", "/var/db", "/var/log", "/var/run", "/var/unbound",
+             "/usr/local", "/usr/local/sbin", "/var", "/var/db", "/var/log", "/var/run", "/var/unbound",
              "/var/unbound/etc", "/etc/rc.d"}
 DEFAULT_MTIME = 1735689600   # 2025-01-01T00:00:00Z, when neither the site nor the build gives one
 ROOT_NAMES = {"root", "wheel"}
