@@ -107,13 +107,15 @@ def _sha256(path: Path) -> str:
 
 # -- slow ------------------------------------------------------------------------------------
 
-def test_without_subordinate_ids_the_build_says_how_to_fix_it_and_writes_nothing(debian_image):
+def test_without_subordinate_ids_the_build_says_how_to_fix_it_and_writes_nothing():
+    from builder.machine import ssh_keypair
+    from fixtures_build import make_test_site
     _python_matches_venv()
     user = BuildUser("mkmi-nosubid", subids=None)
     try:
-        site = user.home / "site"
-        shutil.copytree(debian_image.site.parent, site)
-        user.chown(site)
+        _, public = ssh_keypair(user.home / "ssh")
+        site = make_test_site(user.home, public).parent
+        user.chown(user.home)
         out = user.home / "images"
         p = user.mkmailimage("build", "debian", site / "site.yaml", "--out", out,
                              cache_dir=user.home / "cache", timeout=120)
