@@ -5,7 +5,6 @@ without root, the tree is extracted and the disk assembled as root of a user nam
 The test needs root only to create the unprivileged users it builds as (and removes them)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pwd
@@ -20,7 +19,7 @@ import pytest
 from builder import cache, paths
 from builder.userns import mapped_ids
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates the unprivileged users it builds as")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates the unprivileged users it builds as")
 
 
 # -- fast ------------------------------------------------------------------------------------
@@ -97,16 +96,9 @@ def _python_matches_venv() -> None:
         "the copied packages would not load")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- slow ------------------------------------------------------------------------------------
 
+@needs_root
 def test_without_subordinate_ids_the_build_says_how_to_fix_it_and_writes_nothing():
     from builder.machine import ssh_keypair
     from fixtures_build import make_test_site
@@ -126,6 +118,7 @@ def test_without_subordinate_ids_the_build_says_how_to_fix_it_and_writes_nothing
         user.remove()
 
 
+@needs_root
 @pytest.mark.build
 def test_an_ordinary_user_builds_the_same_image_as_root(debian_image):
     _python_matches_venv()
@@ -154,7 +147,7 @@ def test_an_ordinary_user_builds_the_same_image_as_root(debian_image):
         assert manifest["inputs"]["base_layer"]["reused"] is False
         # root's image was booted and tested (test_build_debian); equal bytes mean every owner,
         # mode and file came out the same without root, from a fresh base layer, tree on disk
-        if _sha256(raw) != _sha256(debian_image.outputs["raw"]):
+        if cache.sha256_file(raw) != cache.sha256_file(debian_image.outputs["raw"]):
             diff = subprocess.run([sys.executable, "-m", "builder.cli", "diff", str(raw),
                                    str(debian_image.outputs["raw"])], capture_output=True, text=True)
             pytest.fail("the unprivileged build differs from root's:\n" + diff.stdout[-4000:] + diff.stderr)
